@@ -1,0 +1,126 @@
+"""The interface shared by the video-token compressors.
+
+A compressor looks at the pooled per-frame features of ONE video, shape (F, N, D),
+and decides which tokens the language model keeps. It never builds the token
+sequence itself: it returns a :class:`TokenSelection` (indices into the
+flattened features) and :func:`llava.compression.layout.assemble_video_tokens`
+turns that into the sequence, newline tokens included.
+"""
+
+from __future__ import annotations
+
+import numbers
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+__all__ = ["TokenSelection", "VideoTokenCompressor", "KeepAll", "keep_all", "check_video_features"]
+
+
+@dataclass(frozen=True)
+class TokenSelection:
+    """Which tokens of a (F, N, D) video survive, and in which order.
+
+    Attributes:
+        index: (M,) int64 indices into ``features.reshape(F * N, D)``, in OUTPUT order.
+            Frames appear in time order: every index of frame f comes before every
+            index of frame f + 1. Inside a frame the order is the compressor's.
+        per_frame: (F,) int64 number of kept tokens of each frame; ``per_frame.sum() == M``.
+    """
+
+    index: torch.Tensor
+    per_frame: torch.Tensor
+
+    def __post_init__(self) -> None:
+        # Shape and dtype checks only: checking values would force a device sync.
+        for name in ("index", "per_frame"):
+            t = getattr(self, name)
+            if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.dtype != torch.long:
+                raise ValueError(f"TokenSelection.{name} must be a 1-D torch.long tensor, got {_describe(t)}")
+
+    @property
+    def num_frames(self) -> int:
+        return self.per_frame.numel()
+
+    @property
+    def num_kept(self) -> int:
+        return self.index.numel()
+
+
+class VideoTokenCompressor(ABC):
+    """A training-free compressor of one video's pooled frame tokens."""
+
+    name: str
+
+    @abstractmethod
+    def select(self, features: torch.Tensor) -> TokenSelection:
+        """Choose the tokens to keep.
+
+        Args:
+            features: (F, N, D) pooled tokens of one video, frames in time order.
+        Returns:
+            A :class:`TokenSelection` over ``features.reshape(F * N, D)``.
+        """
+
+    def describe(self) -> dict[str, Any]:
+        """The compressor's name and arguments, for logs and statistics."""
+        return {"name": self.name}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.describe().items() if k != "name")
+        return f"{type(self).__name__}({args})"
+
+
+def keep_all(num_frames: int, tokens_per_frame: int, device: torch.device | str | None = None) -> TokenSelection:
+    """The identity selection: every token of every frame, in original order."""
+    if num_frames < 1 or tokens_per_frame < 1:
+        raise ValueError(
+            f"keep_all needs num_frames >= 1 and tokens_per_frame >= 1, got {num_frames} and {tokens_per_frame}"
+        )
+    index = torch.arange(num_frames * tokens_per_frame, dtype=torch.long, device=device)
+    per_frame = torch.full((num_frames,), tokens_per_frame, dtype=torch.long, device=device)
+    return TokenSelection(index=index, per_frame=per_frame)
+
+
+class KeepAll(VideoTokenCompressor):
+    """The no-op compressor: keeps everything (useful as a baseline in benchmarks)."""
+
+    name = "none"
+
+    def select(self, features: torch.Tensor) -> TokenSelection:
+        num_frames, tokens_per_frame, _ = check_video_features(features)
+        return keep_all(num_frames, tokens_per_frame, features.device)
+
+
+def check_video_features(features: torch.Tensor) -> tuple[int, int, int]:
+    """Validate a (F, N, D) video feature tensor and return (F, N, D)."""
+    if not isinstance(features, torch.Tensor) or features.dim() != 3:
+        raise ValueError(f"features must be a (frames, tokens, dim) tensor, got {_describe(features)}")
+    num_frames, tokens_per_frame, dim = features.shape
+    if num_frames < 1 or tokens_per_frame < 1 or dim < 1:
+        raise ValueError(f"features must have at least one frame, token and channel, got shape {tuple(features.shape)}")
+    if not features.is_floating_point():
+        raise ValueError(f"features must be a floating-point tensor, got {features.dtype}")
+    return num_frames, tokens_per_frame, dim
+
+
+def check_ratio(name: str, value: Any, *, low: float, high: float, low_open: bool, high_open: bool) -> float:
+    """Return ``value`` as a float if it is a real number in the given interval, else raise ValueError."""
+    lo_b, hi_b = ("(" if low_open else "["), (")" if high_open else "]")
+    interval = f"{lo_b}{low}, {high}{hi_b}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a real number in {interval}, got {value!r}")
+    value = float(value)
+    too_low = value <= low if low_open else value < low
+    too_high = value >= high if high_open else value > high
+    if too_low or too_high or value != value:  # value != value: NaN
+        raise ValueError(f"{name} must be in {interval}, got {value!r}")
+    return value
+
+
+def _describe(obj: Any) -> str:
+    if isinstance(obj, torch.Tensor):
+        return f"tensor of shape {tuple(obj.shape)} and dtype {obj.dtype}"
+    return repr(type(obj).__name__)

@@ -1,0 +1,3 @@
+from llava.model.language_model.llava_qwen import LlavaQwenConfig, LlavaQwenForCausalLM
+
+__all__ = ["LlavaQwenConfig", "LlavaQwenForCausalLM"]

@@ -1,0 +1,134 @@
+"""LLaVA on Qwen2: ``LlavaQwenConfig`` / ``LlavaQwenForCausalLM``, registered with transformers' Auto classes."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen2Model
+from transformers.models.qwen2.modeling_qwen2 import Qwen2PreTrainedModel
+
+from llava.model.llava_arch import LlavaMetaForCausalLM, LlavaMetaModel
+from llava.model.vision_tower import published_tower_config
+
+SUPPORTED_MODEL_TYPES = ("llava", "llava_qwen")
+SUPPORTED_ARCHITECTURES = ("LlavaQwenForCausalLM",)
+
+
+class LlavaQwenConfig(Qwen2Config):
+    """A flat Qwen2 config plus LLaVA's ``mm_*`` fields (kept as plain attributes)."""
+
+    model_type = "llava_qwen"
+
+
+def config_from_dict(raw: dict, checkpoint_dir: str | os.PathLike | None) -> LlavaQwenConfig:
+    """Read a flat LLaVA-Qwen2 config.json (model_type 'llava') as an ``LlavaQwenConfig``."""
+    model_type = raw.get("model_type")
+    architectures = raw.get("architectures") or []
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"Unsupported model_type {model_type!r}; this package loads {SUPPORTED_MODEL_TYPES} checkpoints.")
+    if architectures and not set(architectures) & set(SUPPORTED_ARCHITECTURES):
+        raise ValueError(f"Unsupported architectures {architectures}; this package loads {list(SUPPORTED_ARCHITECTURES)}.")
+    fields = {k: v for k, v in raw.items() if k not in ("model_type", "transformers_version")}
+    if fields.get("rope_scaling") is None:
+        fields.pop("rope_scaling", None)  # null in the published configs; transformers 5 warns about the old key
+    if "torch_dtype" in fields:
+        fields["dtype"] = fields.pop("torch_dtype")
+    config = LlavaQwenConfig(**fields)
+    if getattr(config, "mm_vision_tower", None):
+        config.mm_vision_tower_config = published_tower_config(config.mm_vision_tower, checkpoint_dir)
+    return config
+
+
+class LlavaQwenModel(LlavaMetaModel, Qwen2Model):
+    config_class = LlavaQwenConfig
+
+    def __init__(self, config: LlavaQwenConfig):
+        super().__init__(config)
+
+
+class LlavaQwenForCausalLM(Qwen2ForCausalLM, LlavaMetaForCausalLM):
+    config_class = LlavaQwenConfig
+    _no_split_modules = ["Qwen2DecoderLayer", "SigLipVisionTower"]
+
+    def __init__(self, config: LlavaQwenConfig):
+        # Skip Qwen2ForCausalLM.__init__: it would build a plain Qwen2Model only to throw it away.
+        Qwen2PreTrainedModel.__init__(self, config)
+        self.model = LlavaQwenModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, LlavaQwenModel) and getattr(module, "image_newline", None) is not None:
+            module.image_newline.normal_(std=module.config.hidden_size**-0.5)
+
+    def get_model(self) -> LlavaQwenModel:
+        return self.model
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        images=None,
+        image_sizes=None,
+        modalities=("image",),
+        **kwargs,
+    ):
+        if inputs_embeds is None and images is not None:
+            (input_ids, position_ids, attention_mask, past_key_values, inputs_embeds, labels) = (
+                self.prepare_inputs_labels_for_multimodal(
+                    input_ids, position_ids, attention_mask, past_key_values, labels, images, modalities, image_sizes
+                )
+            )
+        return super().forward(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            labels=labels,
+            use_cache=use_cache,
+            **kwargs,
+        )
+
+    @torch.no_grad()
+    def generate(self, inputs=None, images=None, image_sizes=None, modalities=("image",), **kwargs):
+        """LLaVA-NeXT's generate: ``inputs`` are token ids with ``IMAGE_TOKEN_INDEX`` placeholders.
+
+        The prompt goes in as embeddings, so the returned ids hold only the new tokens (as in LLaVA-NeXT).
+        Rows are re-padded on the left, whatever padding the caller used.
+        """
+        if "inputs_embeds" in kwargs:
+            raise NotImplementedError("Pass token ids (with <image> placeholders) and images, not inputs_embeds.")
+        input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
+        if input_ids is None:
+            raise ValueError("generate needs the prompt's token ids as `inputs` or `input_ids`.")
+        kwargs.pop("position_ids", None)
+        mm = self.build_multimodal_inputs(
+            input_ids, kwargs.pop("attention_mask", None), None, images, modalities, image_sizes, padding_side="left"
+        )
+        self._begin_generation(mm)
+        return super().generate(inputs_embeds=mm.inputs_embeds, attention_mask=mm.attention_mask.long(), **kwargs)
+
+    def _begin_generation(self, mm) -> None:
+        """Hook called once per generate call with the spliced prompt (decode-time compression state)."""
+
+    def configure_compression(self, **kwargs) -> None:
+        from llava.compression.settings import settings_from_kwargs
+
+        self.compression = settings_from_kwargs(kwargs, getattr(self, "compression", None)).validate(
+            self.config.num_hidden_layers
+        )
+
+
+AutoConfig.register("llava_qwen", LlavaQwenConfig)
+AutoModelForCausalLM.register(LlavaQwenConfig, LlavaQwenForCausalLM)

@@ -1,0 +1,334 @@
+"""LLaVA's multimodal glue, with LLaVA-NeXT's names and meaning.
+
+``LlavaMetaModel`` adds the vision tower, projector and ``image_newline`` to the language model;
+``LlavaMetaForCausalLM`` turns images and videos into token embeddings and splices them into the
+prompt where ``IMAGE_TOKEN_INDEX`` placeholders sit (``prepare_inputs_labels_for_multimodal``).
+
+Video path: frames -> tower -> projector -> 2D pooling per frame -> (optional video-token compressor)
+-> layout with newline tokens (``mm_newline_position``). Image path: anyres tiles with unpadding and
+per-row newlines, or a single image followed by one newline.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from llava.compression.layout import assemble_video_tokens
+from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from llava.mm_utils import get_anyres_image_grid_shape
+from llava.model.projector import build_vision_projector
+from llava.model.vision_tower import SigLipVisionTower, llava_tower_config, published_tower_config
+
+logger = logging.getLogger(__name__)
+
+NEWLINE_POSITIONS = ("one_token", "grid", "frame", "no_token")
+POOL_MODES = ("bilinear", "average", "max")
+
+
+class LlavaMetaModel:
+    """Mixin for the base model: builds ``vision_tower``, ``mm_projector`` and ``image_newline``."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        if getattr(config, "mm_vision_tower", None):
+            self.vision_tower = build_vision_tower(config)
+            self.mm_projector = build_vision_projector(
+                getattr(config, "mm_projector_type", "linear"), config.mm_hidden_size, config.hidden_size
+            )
+            if "unpad" in getattr(config, "mm_patch_merge_type", ""):
+                self.image_newline = nn.Parameter(torch.empty(config.hidden_size, dtype=self.dtype))
+
+    def get_vision_tower(self) -> SigLipVisionTower | None:
+        return getattr(self, "vision_tower", None)
+
+
+def build_vision_tower(config) -> SigLipVisionTower:
+    published = getattr(config, "mm_vision_tower_config", None) or published_tower_config(config.mm_vision_tower)
+    tower_config = llava_tower_config(published)
+    if getattr(config, "mm_hidden_size", tower_config.hidden_size) != tower_config.hidden_size:
+        raise ValueError(
+            f"mm_hidden_size={config.mm_hidden_size} does not match the vision tower's hidden size {tower_config.hidden_size}."
+        )
+    return SigLipVisionTower(tower_config)
+
+
+def unpad_image(features: torch.Tensor, original_size) -> torch.Tensor:
+    """Crop the padding that anyres resizing added. ``features`` (C, H, W); ``original_size`` (width, height)."""
+    original_width, original_height = int(original_size[0]), int(original_size[1])
+    current_height, current_width = features.shape[1:]
+    if original_width / original_height > current_width / current_height:
+        new_height = int(original_height * (current_width / original_width))
+        padding = (current_height - new_height) // 2
+        return features[:, padding : current_height - padding, :]
+    new_width = int(original_width * (current_height / original_height))
+    padding = (current_width - new_width) // 2
+    return features[:, :, padding : current_width - padding]
+
+
+@dataclass
+class MultimodalInputs:
+    """The prompt with visual tokens spliced in, padded to one batch."""
+
+    inputs_embeds: torch.Tensor  # (B, S, hidden)
+    attention_mask: torch.Tensor  # (B, S) bool
+    position_ids: torch.Tensor  # (B, S)
+    labels: torch.Tensor  # (B, S)
+    video_token_mask: torch.Tensor  # (B, S) bool: True at video feature tokens (not newlines)
+    visual_token_count: int  # all visual tokens (image and video, newlines included) over the batch
+
+
+class LlavaMetaForCausalLM:
+    """Mixin for the causal LM: visual encoding and the splicing of visual tokens into the prompt."""
+
+    def get_model(self):
+        return self.model
+
+    def get_vision_tower(self) -> SigLipVisionTower:
+        return self.get_model().get_vision_tower()
+
+    # -- visual features -------------------------------------------------------------------------
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) pixel values -> (N, patches, hidden) projected features."""
+        model = self.get_model()
+        features = model.get_vision_tower()(images)
+        projector_dtype = next(model.mm_projector.parameters()).dtype
+        return model.mm_projector(features.to(projector_dtype))
+
+    def get_2dPool(self, features: torch.Tensor, stride: int | None = None) -> torch.Tensor:
+        """Per-frame 2D pooling of (F, side*side, D) features with ``mm_spatial_pool_mode`` / ``_stride``."""
+        stride = int(stride if stride is not None else getattr(self.config, "mm_spatial_pool_stride", 2) or 1)
+        mode = getattr(self.config, "mm_spatial_pool_mode", "bilinear")
+        side = self.get_vision_tower().num_patches_per_side
+        frames, _, dim = features.shape
+        grid = features.view(frames, side, side, dim).permute(0, 3, 1, 2)
+        if stride <= 1:
+            pooled = grid
+        elif mode == "average":
+            pooled = nn.functional.avg_pool2d(grid, stride)
+        elif mode == "max":
+            pooled = nn.functional.max_pool2d(grid, stride)
+        elif mode == "bilinear":
+            size = [math.ceil(side / stride), math.ceil(side / stride)]
+            pooled = nn.functional.interpolate(grid, size=size, mode="bilinear")
+        else:
+            raise ValueError(f"Unknown mm_spatial_pool_mode {mode!r}; allowed: {', '.join(POOL_MODES)}.")
+        return pooled.permute(0, 2, 3, 1).reshape(frames, -1, dim)
+
+    def _video_tokens(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Projected frame features (F, patches, D) -> (tokens (M, D), video-token mask (M,))."""
+        pooled = self.get_2dPool(features)
+        side = math.isqrt(pooled.shape[1])
+        position = getattr(self.config, "mm_newline_position", "one_token")
+        if position not in NEWLINE_POSITIONS:
+            raise ValueError(f"Unknown mm_newline_position {position!r}; allowed: {', '.join(NEWLINE_POSITIONS)}.")
+        merge_type = getattr(self.config, "mm_patch_merge_type", "flat")
+        # As LLaVA-NeXT: "flat" has no newline tokens; one_token adds its single newline only with "unpad".
+        without_newline = merge_type == "flat" or (position == "one_token" and "unpad" not in merge_type)
+        newline = None if without_newline else self.get_model().image_newline
+        compressor = self.video_compressor()
+        selection = compressor.select(pooled) if compressor is not None else None
+        self._record_video_compression(pooled, selection)
+        return assemble_video_tokens(pooled, selection, newline, position, (side, side))
+
+    def video_compressor(self):
+        """The compressor applied to pooled video features before the LM, or None. Overridden when compression is on."""
+        return None
+
+    def _record_video_compression(self, pooled: torch.Tensor, selection) -> None:
+        """Hook for statistics about what the video compressor did (see the compression mixin)."""
+
+    def _image_tokens(self, features: torch.Tensor, image_size) -> torch.Tensor:
+        """Projected features of one image (tiles, patches, D) -> (M, D) tokens, LLaVA-NeXT's anyres packing."""
+        merge_type = getattr(self.config, "mm_patch_merge_type", "flat")
+        newline = self.get_model().image_newline if "unpad" in merge_type else None
+        if merge_type == "flat":
+            return features.flatten(0, 1)
+        if features.shape[0] == 1:
+            single = features[0]
+            return torch.cat((single, newline[None].to(single))) if newline is not None else single
+
+        aspect = getattr(self.config, "image_aspect_ratio", "square")
+        if not aspect.startswith("anyres"):
+            raise ValueError(f"An image with {features.shape[0]} tiles needs image_aspect_ratio 'anyres*', got {aspect!r}.")
+        if image_size is None:
+            raise ValueError("image_sizes is required for anyres images (one (width, height) per image).")
+        tower = self.get_vision_tower()
+        side = tower.num_patches_per_side
+        base, tiles = features[0], features[1:]
+        grid_w, grid_h = get_anyres_image_grid_shape(image_size, self.config.image_grid_pinpoints, tower.image_size)
+        if grid_w * grid_h != tiles.shape[0]:
+            raise ValueError(
+                f"The image of size {tuple(image_size)} should have {grid_w}x{grid_h} anyres tiles plus a base image, "
+                f"got {tiles.shape[0]} tiles; preprocess it with process_images and the same model config."
+            )
+        tiles = tiles.view(grid_h, grid_w, side, side, -1)
+        if "unpad" not in merge_type:
+            return torch.cat((base, tiles.permute(0, 2, 1, 3, 4).flatten(0, 3)))
+        canvas = tiles.permute(4, 0, 2, 1, 3).flatten(1, 2).flatten(2, 3)  # (D, grid_h*side, grid_w*side)
+        canvas = unpad_image(canvas, image_size)
+        max_tiles = re.fullmatch(r"anyres_max_(\d+)", aspect)
+        if max_tiles:
+            channels, height, width = canvas.shape
+            times = math.sqrt(height * width / (int(max_tiles.group(1)) * side**2))
+            if times > 1.1:
+                canvas = nn.functional.interpolate(canvas[None], [int(height // times), int(width // times)], mode="bilinear")[0]
+        canvas = torch.cat((canvas, newline[:, None, None].expand(*canvas.shape[:-1], 1).to(canvas)), dim=-1)
+        return torch.cat((base, canvas.flatten(1, 2).transpose(0, 1)))
+
+    def encode_visual_items(self, images, modalities, image_sizes):
+        """One (tokens, video-token mask) per image/video, in the order the placeholders appear."""
+        items = _as_item_list(images)
+        modalities = _expand_modalities(modalities, len(items))
+        tower = self.get_vision_tower()
+        for index, (item, modality) in enumerate(zip(items, modalities)):
+            _check_pixels(item, modality, index, tower.image_size)
+        features = self.encode_images(torch.cat(items))
+        features = torch.split(features, [item.shape[0] for item in items])
+        results = []
+        for index, (feature, modality) in enumerate(zip(features, modalities)):
+            if modality == "video":
+                results.append(self._video_tokens(feature))
+            else:
+                size = image_sizes[index] if image_sizes is not None and index < len(image_sizes) else None
+                tokens = self._image_tokens(feature, size)
+                results.append((tokens, torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)))
+        return results
+
+    # -- splicing --------------------------------------------------------------------------------
+
+    def build_multimodal_inputs(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        labels: torch.Tensor | None,
+        images,
+        modalities=("image",),
+        image_sizes=None,
+        padding_side: str = "right",
+    ) -> MultimodalInputs:
+        """Replace every ``IMAGE_TOKEN_INDEX`` placeholder by its visual tokens; re-pad the batch."""
+        if input_ids.ndim == 1:
+            input_ids = input_ids[None]
+        device = input_ids.device
+        attention_mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        labels = torch.full_like(input_ids, IGNORE_INDEX) if labels is None else labels
+        placeholders = int((input_ids[attention_mask] == IMAGE_TOKEN_INDEX).sum())
+        num_items = 0 if images is None else len(_as_item_list(images))
+        if placeholders != num_items:
+            raise ValueError(
+                f"The prompt has {placeholders} '<image>' placeholder(s) (token {IMAGE_TOKEN_INDEX}) but {num_items} "
+                "image(s)/video(s) were given: put one '<image>' in the prompt per image or video "
+                "(use tokenizer_image_token to tokenize it)."
+            )
+        visual = self.encode_visual_items(images, modalities, image_sizes) if num_items else []
+
+        embed = self.get_model().embed_tokens
+        rows, row_labels, row_video = [], [], []
+        item = 0
+        for ids, mask, row_label in zip(input_ids, attention_mask, labels):
+            ids, row_label = ids[mask], row_label[mask]
+            cuts = torch.nonzero(ids == IMAGE_TOKEN_INDEX).flatten().tolist()
+            bounds = [-1] + cuts + [ids.shape[0]]
+            text = embed(ids.masked_fill(ids == IMAGE_TOKEN_INDEX, 0))
+            pieces, piece_labels, piece_video = [], [], []
+            for i in range(len(bounds) - 1):
+                start, stop = bounds[i] + 1, bounds[i + 1]
+                pieces.append(text[start:stop])
+                piece_labels.append(row_label[start:stop])
+                piece_video.append(torch.zeros(stop - start, dtype=torch.bool, device=device))
+                if i < len(cuts):
+                    tokens, video_mask = visual[item]
+                    item += 1
+                    pieces.append(tokens.to(device=device, dtype=text.dtype))
+                    piece_labels.append(torch.full((tokens.shape[0],), IGNORE_INDEX, dtype=row_label.dtype, device=device))
+                    piece_video.append(video_mask.to(device))
+            rows.append(torch.cat(pieces))
+            row_labels.append(torch.cat(piece_labels))
+            row_video.append(torch.cat(piece_video))
+
+        limit = getattr(self.config, "tokenizer_model_max_length", None)
+        if limit is not None and max(r.shape[0] for r in rows) > limit:
+            logger.warning(
+                "A multimodal prompt has %d tokens, more than tokenizer_model_max_length=%d: it is truncated as "
+                "LLaVA-NeXT does. Use fewer frames or a smaller image.", max(r.shape[0] for r in rows), limit
+            )
+            rows, row_labels, row_video = ([x[:limit] for x in seq] for seq in (rows, row_labels, row_video))
+        return _pad_rows(rows, row_labels, row_video, padding_side, sum(t.shape[0] for t, _ in visual))
+
+    def prepare_inputs_labels_for_multimodal(
+        self, input_ids, position_ids, attention_mask, past_key_values, labels, images, modalities=("image",), image_sizes=None
+    ):
+        """LLaVA-NeXT's entry point: returns (None, position_ids, attention_mask, past_key_values, inputs_embeds, labels)."""
+        if self.get_vision_tower() is None or images is None or input_ids.shape[1] == 1:
+            return input_ids, position_ids, attention_mask, past_key_values, None, labels
+        side = getattr(self.config, "tokenizer_padding_side", "right")
+        mm = self.build_multimodal_inputs(input_ids, attention_mask, labels, images, modalities, image_sizes, side)
+        return (
+            None,
+            mm.position_ids if position_ids is not None else None,
+            mm.attention_mask.to(attention_mask.dtype) if attention_mask is not None else None,
+            past_key_values,
+            mm.inputs_embeds,
+            mm.labels if labels is not None else None,
+        )
+
+
+def _as_item_list(images) -> list[torch.Tensor]:
+    """Images/videos as a list of (P, 3, S, S) tensors (P tiles of an image, or P frames of a video)."""
+    if isinstance(images, torch.Tensor):
+        if images.ndim == 5:
+            return list(images)
+        if images.ndim == 4:
+            return [image[None] for image in images]
+        raise ValueError(f"images as a tensor must be 4D (N, 3, H, W) or 5D (N, P, 3, H, W); got shape {tuple(images.shape)}.")
+    items = []
+    for index, image in enumerate(images):
+        if not isinstance(image, torch.Tensor):
+            raise ValueError(f"images[{index}] must be a torch.Tensor, got {type(image).__name__}.")
+        items.append(image[None] if image.ndim == 3 else image)
+    return items
+
+
+def _expand_modalities(modalities, count: int) -> list[str]:
+    modalities = [modalities] if isinstance(modalities, str) else list(modalities or ["image"])
+    if len(modalities) == 1 and count > 1:
+        modalities = modalities * count
+    if len(modalities) < count:
+        raise ValueError(f"{count} images/videos but only {len(modalities)} modalities ({modalities}); give one per item.")
+    for modality in modalities:
+        if modality not in ("image", "video"):
+            raise ValueError(f"Unknown modality {modality!r}; allowed: 'image', 'video'.")
+    return modalities[:count]
+
+
+def _check_pixels(item: torch.Tensor, modality: str, index: int, image_size: int) -> None:
+    kind = "video" if modality == "video" else "image"
+    expected = f"(frames, 3, {image_size}, {image_size})" if kind == "video" else f"(tiles, 3, {image_size}, {image_size})"
+    if item.ndim != 4 or item.shape[1] != 3 or tuple(item.shape[-2:]) != (image_size, image_size):
+        raise ValueError(f"{kind} {index} must be a tensor of shape {expected}; got {tuple(item.shape)}.")
+    if item.shape[0] == 0:
+        raise ValueError(f"{kind} {index} has zero {'frames' if kind == 'video' else 'tiles'}.")
+
+
+def _pad_rows(rows, row_labels, row_video, padding_side: str, visual_count: int) -> MultimodalInputs:
+    batch, longest = len(rows), max(r.shape[0] for r in rows)
+    first = rows[0]
+    embeds = first.new_zeros((batch, longest, first.shape[-1]))
+    attention = torch.zeros((batch, longest), dtype=torch.bool, device=first.device)
+    positions = torch.zeros((batch, longest), dtype=torch.long, device=first.device)
+    labels = torch.full((batch, longest), IGNORE_INDEX, dtype=row_labels[0].dtype, device=first.device)
+    video = torch.zeros((batch, longest), dtype=torch.bool, device=first.device)
+    for i, (row, label, vid) in enumerate(zip(rows, row_labels, row_video)):
+        n = row.shape[0]
+        span = slice(longest - n, longest) if padding_side == "left" else slice(0, n)
+        embeds[i, span], labels[i, span], video[i, span] = row, label, vid
+        attention[i, span] = True
+        positions[i, span] = torch.arange(n, device=first.device)
+    return MultimodalInputs(embeds, attention, positions, labels, video, visual_count)

@@ -1,0 +1,35 @@
+"""Shared fixtures: small random checkpoints in the real on-disk format, written once per test session."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llava.checkpoint_maker import make_tiny_checkpoint
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """LLaVA-OV layout (one_token newline, bilinear pooling, tied embeddings), sharded safetensors."""
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "llava-ov-tiny", "tiny", seed=0, max_shard_bytes=200_000)
+
+
+@pytest.fixture(scope="session")
+def tiny_video_checkpoint(tmp_path_factory):
+    """LLaVA-Video layout (grid newlines, average pooling)."""
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "llava-video-tiny", "llava-video-tiny", seed=1)
+
+
+@pytest.fixture(scope="session")
+def loaded_tiny(tiny_checkpoint):
+    from llava.model.builder import load_pretrained_model
+
+    return load_pretrained_model(
+        str(tiny_checkpoint), None, "llava_qwen", device_map="cpu", torch_dtype="float32", attn_implementation="sdpa"
+    )
+
+
+def random_video(frames: int, size: int, seed: int = 0) -> torch.Tensor:
+    """Preprocessed-looking pixel values (frames, 3, size, size) in [-1, 1]."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand(frames, 3, size, size, generator=generator) * 2 - 1

@@ -1,0 +1,154 @@
+"""The project's proof that real checkpoints behave: same random weights, same logits as transformers'
+own ``LlavaOnevisionForConditionalGeneration`` (the weights are converted to its format here)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config, SiglipVisionConfig
+from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+
+from llava.constants import IMAGE_TOKEN_INDEX
+from tests.conftest import random_video
+
+RELATIVE_TOLERANCE = 1e-4
+
+
+def to_transformers_key(name: str) -> str:
+    """Original LLaVA-NeXT weight name -> transformers LlavaOnevision name."""
+    replacements = [
+        ("model.vision_tower.vision_tower.vision_model.", "model.vision_tower."),
+        ("model.mm_projector.0.", "model.multi_modal_projector.linear_1."),
+        ("model.mm_projector.2.", "model.multi_modal_projector.linear_2."),
+        ("model.image_newline", "model.image_newline"),
+    ]
+    for old, new in replacements:
+        if name.startswith(old):
+            return new + name[len(old):]
+    if name.startswith("model."):
+        return "model.language_model." + name[len("model."):]
+    return name
+
+
+@pytest.fixture(scope="module")
+def oracle(tiny_checkpoint, loaded_tiny):
+    """transformers' LLaVA-OneVision with our tiny checkpoint's weights; placeholder id = an unused vocab id."""
+    _, model, _, _ = loaded_tiny
+    raw = json.loads((tiny_checkpoint / "config.json").read_text())
+    vision = json.loads((tiny_checkpoint / "vision_tower" / "config.json").read_text())
+    vision["num_hidden_layers"] -= 1
+    vision.pop("model_type")
+    placeholder = raw["vocab_size"] - 1
+    text_fields = {k: raw[k] for k in (
+        "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+        "rms_norm_eps", "vocab_size", "max_position_embeddings", "tie_word_embeddings", "rope_theta",
+    )}
+    config = LlavaOnevisionConfig(
+        text_config=Qwen2Config(**text_fields),
+        vision_config=SiglipVisionConfig(**vision, vision_use_head=False),
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        image_grid_pinpoints=raw["image_grid_pinpoints"],
+        vision_aspect_ratio=raw["image_aspect_ratio"],
+        image_token_index=placeholder,
+        video_token_index=placeholder,
+        tie_word_embeddings=raw["tie_word_embeddings"],
+    )
+    config._attn_implementation = "sdpa"
+    reference = LlavaOnevisionForConditionalGeneration(config).eval()
+    state = {to_transformers_key(k): v for k, v in model.state_dict().items()}
+    missing, unexpected = reference.load_state_dict(state, strict=False)
+    assert not unexpected, unexpected
+    assert all("lm_head" in k for k in missing), missing  # tied to the embeddings
+    reference.tie_weights()
+    return reference, placeholder
+
+
+def relative_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
+    return float((ours - theirs).norm() / theirs.norm())
+
+
+def prompt_ids(tokenizer, question: str, with_image: bool = True) -> torch.Tensor:
+    from llava.conversation import conv_templates
+    from llava.mm_utils import tokenizer_image_token
+
+    conv = conv_templates["qwen_1_5"].copy()
+    conv.append_message(conv.roles[0], ("<image>\n" if with_image else "") + question)
+    conv.append_message(conv.roles[1], None)
+    return tokenizer_image_token(conv.get_prompt(), tokenizer, IMAGE_TOKEN_INDEX, return_tensors="pt")[None]
+
+
+def expand_placeholder(ids: torch.Tensor, count: int, placeholder: int) -> torch.Tensor:
+    """transformers' format: one placeholder token per visual token."""
+    at = int((ids[0] == IMAGE_TOKEN_INDEX).nonzero())
+    return torch.cat([ids[:, :at], torch.full((1, count), placeholder), ids[:, at + 1:]], dim=1)
+
+
+def our_logits(model, ids, images, modalities, image_sizes=None):
+    with torch.no_grad():
+        return model(input_ids=ids, images=images, modalities=modalities, image_sizes=image_sizes).logits
+
+
+def test_video_logits_match_transformers(loaded_tiny, oracle):
+    tokenizer, model, _, _ = loaded_tiny
+    reference, placeholder = oracle
+    size = model.get_vision_tower().image_size
+    video = random_video(8, size, seed=1)
+    ids = prompt_ids(tokenizer, "What happens in the video?")
+    ours = our_logits(model, ids, [video], ["video"])
+
+    pooled_side = math.ceil(model.get_vision_tower().num_patches_per_side / 2)
+    count = 8 * pooled_side**2 + 1  # frames x pooled tokens + one newline (one_token)
+    assert ours.shape[1] == ids.shape[1] - 1 + count
+    with torch.no_grad():
+        theirs = reference(input_ids=expand_placeholder(ids, count, placeholder), pixel_values_videos=video[None]).logits
+    assert relative_error(ours, theirs) < RELATIVE_TOLERANCE
+
+
+def test_anyres_image_logits_match_transformers(loaded_tiny, oracle):
+    tokenizer, model, _, _ = loaded_tiny
+    reference, placeholder = oracle
+    size = model.get_vision_tower().image_size
+    width, height = 3 * size - 20, size + 30  # wide, non-square: exercises tiling, unpadding and row newlines
+    tiles = image_size_to_num_patches((height, width), reference.config.image_grid_pinpoints, size)
+    assert tiles > 2
+    pixels = random_video(tiles, size, seed=2)
+    ids = prompt_ids(tokenizer, "Describe the image.")
+    ours = our_logits(model, ids, [pixels], ["image"], image_sizes=[(width, height)])
+    count = ours.shape[1] - (ids.shape[1] - 1)
+    with torch.no_grad():
+        theirs = reference(
+            input_ids=expand_placeholder(ids, count, placeholder),
+            pixel_values=pixels[None],
+            image_sizes=torch.tensor([[height, width]]),
+        ).logits
+    assert relative_error(ours, theirs) < RELATIVE_TOLERANCE
+
+
+def test_text_only_logits_match_transformers(loaded_tiny, oracle):
+    tokenizer, model, _, _ = loaded_tiny
+    reference, _ = oracle
+    ids = prompt_ids(tokenizer, "Hello, who are you?", with_image=False)
+    with torch.no_grad():
+        ours = model(input_ids=ids).logits
+        theirs = reference(input_ids=ids).logits
+    assert relative_error(ours, theirs) < RELATIVE_TOLERANCE
+
+
+def test_greedy_generate_matches_transformers(loaded_tiny, oracle):
+    tokenizer, model, _, _ = loaded_tiny
+    reference, placeholder = oracle
+    size = model.get_vision_tower().image_size
+    video = random_video(8, size, seed=3)
+    ids = prompt_ids(tokenizer, "What is the color of the moving square?")
+    ours = model.generate(ids, images=[video], modalities=["video"], max_new_tokens=10, do_sample=False, eos_token_id=None)
+    count = 8 * math.ceil(model.get_vision_tower().num_patches_per_side / 2) ** 2 + 1
+    expanded = expand_placeholder(ids, count, placeholder)
+    theirs = reference.generate(
+        input_ids=expanded, pixel_values_videos=video[None], max_new_tokens=10, do_sample=False, eos_token_id=None
+    )[:, expanded.shape[1]:]
+    assert ours.shape == (1, 10)
+    assert torch.equal(ours, theirs)
