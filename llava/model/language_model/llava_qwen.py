@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import os
+import time
 
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen2Model
 from transformers.models.qwen2.modeling_qwen2 import Qwen2PreTrainedModel
 
+from llava.model.compression_mixin import CompressionMixin
 from llava.model.llava_arch import LlavaMetaForCausalLM, LlavaMetaModel
 from llava.model.vision_tower import published_tower_config
+from llava.timing import synchronize
 
 SUPPORTED_MODEL_TYPES = ("llava", "llava_qwen")
 SUPPORTED_ARCHITECTURES = ("LlavaQwenForCausalLM",)
@@ -48,9 +51,10 @@ class LlavaQwenModel(LlavaMetaModel, Qwen2Model):
         super().__init__(config)
 
 
-class LlavaQwenForCausalLM(Qwen2ForCausalLM, LlavaMetaForCausalLM):
+class LlavaQwenForCausalLM(CompressionMixin, Qwen2ForCausalLM, LlavaMetaForCausalLM):
     config_class = LlavaQwenConfig
     _no_split_modules = ["Qwen2DecoderLayer", "SigLipVisionTower"]
+    last_vision_seconds = 0.0  # visual encoding time of the last generate call
 
     def __init__(self, config: LlavaQwenConfig):
         # Skip Qwen2ForCausalLM.__init__: it would build a plain Qwen2Model only to throw it away.
@@ -84,6 +88,7 @@ class LlavaQwenForCausalLM(Qwen2ForCausalLM, LlavaMetaForCausalLM):
         **kwargs,
     ):
         if inputs_embeds is None and images is not None:
+            self._reset_compression_stats()
             (input_ids, position_ids, attention_mask, past_key_values, inputs_embeds, labels) = (
                 self.prepare_inputs_labels_for_multimodal(
                     input_ids, position_ids, attention_mask, past_key_values, labels, images, modalities, image_sizes
@@ -113,21 +118,18 @@ class LlavaQwenForCausalLM(Qwen2ForCausalLM, LlavaMetaForCausalLM):
         if input_ids is None:
             raise ValueError("generate needs the prompt's token ids as `inputs` or `input_ids`.")
         kwargs.pop("position_ids", None)
+        self._reset_compression_stats()
+        started = time.perf_counter()
         mm = self.build_multimodal_inputs(
             input_ids, kwargs.pop("attention_mask", None), None, images, modalities, image_sizes, padding_side="left"
         )
-        self._begin_generation(mm)
-        return super().generate(inputs_embeds=mm.inputs_embeds, attention_mask=mm.attention_mask.long(), **kwargs)
+        synchronize(mm.inputs_embeds.device)
+        self.last_vision_seconds = time.perf_counter() - started
+        self._begin_compression(mm)
+        output = super().generate(inputs_embeds=mm.inputs_embeds, attention_mask=mm.attention_mask.long(), **kwargs)
+        self._log_compression()
+        return output
 
-    def _begin_generation(self, mm) -> None:
-        """Hook called once per generate call with the spliced prompt (decode-time compression state)."""
-
-    def configure_compression(self, **kwargs) -> None:
-        from llava.compression.settings import settings_from_kwargs
-
-        self.compression = settings_from_kwargs(kwargs, getattr(self, "compression", None)).validate(
-            self.config.num_hidden_layers
-        )
 
 
 AutoConfig.register("llava_qwen", LlavaQwenConfig)

@@ -1,0 +1,154 @@
+"""Video-token compression plugged into the LLaVA model, behind one switch: ``compressor``.
+
+- ``dycoke``: temporal token merging (TTM) on pooled video features before the LM, then dynamic KV-cache
+  pruning at every decoding step (a decoder-layer subclass installed into the LM while it is on).
+- ``vidcom2``: VidCom2 frame-adaptive token selection before the LM.
+- ``none``: the baseline.
+
+The arguments are attributes of the model, settable between ``generate`` calls (``model.dycoke_p = 0.5``),
+each set re-validated. After ``generate`` the model tells what compression did (``last_compression_stats``)
+and logs one info line per call.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import torch
+
+from llava.compression.dycoke_kv import DyCokeKVPruning, install_dycoke_kv_pruning, remove_dycoke_kv_pruning
+from llava.compression.settings import CompressionSettings, settings_from_kwargs
+from llava.compression.ttm import TemporalTokenMerging
+from llava.compression.vidcom2 import VidCom2
+
+logger = logging.getLogger("llava.compression")
+
+
+class CompressionMixin:
+    """Mixed into ``LlavaQwenForCausalLM``; uses its ``model`` (the Qwen2 LM) and ``config``."""
+
+    def configure_compression(self, **kwargs) -> CompressionSettings:
+        """Change compression arguments (``dycoke=True``, ``compressor="vidcom2"``, ``dycoke_p=0.5`` ...)."""
+        current = self.__dict__.get("_compression") or CompressionSettings()
+        settings = settings_from_kwargs(kwargs, current).validate(self.config.num_hidden_layers)
+        self.__dict__["_compression"] = settings
+        self.__dict__["_video_compressor"] = _build_video_compressor(settings)
+        pruning = DyCokeKVPruning(settings.dycoke_l, settings.dycoke_p) if settings.dycoke and settings.dycoke_p > 0 else None
+        self.__dict__["_kv_pruning"] = pruning
+        if pruning is None:
+            remove_dycoke_kv_pruning(self.get_model())
+        else:
+            install_dycoke_kv_pruning(self.get_model(), pruning)
+        self.__dict__["_stats"] = _empty_stats(settings)
+        return settings
+
+    @property
+    def compression(self) -> CompressionSettings:
+        return self.__dict__.get("_compression") or self.configure_compression()
+
+    def video_compressor(self):
+        self.compression  # noqa: B018 - makes sure the defaults are configured
+        return self.__dict__.get("_video_compressor")
+
+    @property
+    def last_compression_stats(self) -> dict:
+        """What compression did in the last ``generate`` (or forward) call."""
+        stats = dict(self.__dict__.get("_stats") or _empty_stats(self.compression))
+        pruning = self.__dict__.get("_kv_pruning")
+        if pruning is not None:
+            stats["kv_pruning"] = pruning.stats
+        return stats
+
+    # -- hooks called by the architecture ----------------------------------------------------------
+
+    def _record_video_compression(self, pooled: torch.Tensor, selection) -> None:
+        frames, per_frame = pooled.shape[:2]
+        stats = self.__dict__.setdefault("_stats", _empty_stats(self.compression))
+        stats["videos"] += 1
+        stats["video_tokens_before"] += frames * per_frame
+        stats["video_tokens_after"] += frames * per_frame if selection is None else int(selection.index.numel())
+        expected = self.compression.dycoke_num_tokens_per_frame
+        if self.compression.dycoke and expected is not None and expected != per_frame:
+            warnings.warn(
+                f"dycoke_num_tokens_per_frame={expected} but the pooled video has {per_frame} tokens per frame; "
+                f"using {per_frame} (derived from the input).",
+                stacklevel=2,
+            )
+
+    def _begin_compression(self, mm) -> None:
+        """Called by ``generate`` with the spliced prompt, before prefill."""
+        pruning = self.__dict__.get("_kv_pruning")
+        if pruning is not None:
+            pruning.start(mm.video_token_mask)
+        start = self.compression.image_token_start_index
+        if self.compression.dycoke and start is not None and bool(mm.video_token_mask.any()):
+            first = _first_video_position(mm)
+            if first != start:
+                warnings.warn(
+                    f"image_token_start_index={start} but the video tokens start at {first} in this prompt; "
+                    f"using {first} (derived from where the <image> placeholder sits).",
+                    stacklevel=2,
+                )
+
+    def _reset_compression_stats(self) -> None:
+        self.__dict__["_stats"] = _empty_stats(self.compression)
+
+    def _log_compression(self) -> None:
+        if self.compression.compressor == "none":
+            return
+        stats = self.last_compression_stats
+        line = (
+            f"{self.compression.compressor}: video tokens {stats['video_tokens_before']} -> {stats['video_tokens_after']}"
+        )
+        kv = stats.get("kv_pruning")
+        if kv and kv.get("steps"):
+            active = kv.get("active_image_tokens_per_step") or []
+            mean_active = sum(map(_row_mean, active)) / max(len(active), 1)
+            line += (
+                f"; KV pruning: {kv['steps']} decoding steps, mean active image tokens {mean_active:.1f}, "
+                f"active set recomputed {kv.get('recomputations')} times"
+            )
+        logger.info(line)
+
+
+def _build_video_compressor(settings: CompressionSettings):
+    if settings.compressor == "dycoke" and settings.dycoke_k > 0:
+        return TemporalTokenMerging(settings.dycoke_k)
+    if settings.compressor == "vidcom2":
+        return VidCom2(settings.vidcom2_r)
+    return None
+
+
+def _empty_stats(settings: CompressionSettings) -> dict:
+    return {"compressor": settings.compressor, "videos": 0, "video_tokens_before": 0, "video_tokens_after": 0}
+
+
+def _first_video_position(mm) -> int:
+    """Index of the first video token in the first row, counted from the row's first real token."""
+    row_mask = mm.video_token_mask[0]
+    padding = int((~mm.attention_mask[0]).long().cumprod(0).sum())  # left padding length
+    return int(row_mask.long().argmax()) - padding
+
+
+def _row_mean(value) -> float:
+    if isinstance(value, (list, tuple)):
+        return sum(value) / max(len(value), 1)
+    return float(value)
+
+
+# Model attributes that read and write the compression settings, e.g. ``model.dycoke_k = 0.5``.
+def _setting_property(name: str):
+    def getter(self):
+        value = getattr(self.compression, name) if name != "dycoke" else self.compression.dycoke
+        return value
+
+    def setter(self, value):
+        self.configure_compression(**{name: value})
+
+    return property(getter, setter, doc=f"Compression argument ``{name}`` (validated on set).")
+
+
+for _name in ("dycoke", "compressor", "dycoke_k", "dycoke_l", "dycoke_p", "dycoke_num_tokens_per_frame",
+              "image_token_start_index", "vidcom2_r", "fastv_k", "fastv_r"):
+    setattr(CompressionMixin, _name, _setting_property(_name))
