@@ -179,7 +179,7 @@ def load_pretrained_model(
     _check_weights(info, bool(getattr(config, "tie_word_embeddings", False)))
     model.eval()
 
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder, config=config)
     if getattr(config, "mm_use_im_patch_token", True) or getattr(config, "mm_use_im_start_end", False):
         from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_PATCH_TOKEN
 

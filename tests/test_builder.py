@@ -1,0 +1,185 @@
+"""load_pretrained_model and the model's input contract: formats, options and clear errors on bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from llava.checkpoint_maker import make_tiny_checkpoint
+from llava.model.builder import load_pretrained_model
+from tests.conftest import random_video
+from tests.test_conformance import prompt_ids
+
+
+def load(path, **kwargs):
+    options = dict(device_map="cpu", torch_dtype="float32", attn_implementation="sdpa")
+    options.update(kwargs)
+    return load_pretrained_model(str(path), None, "llava_qwen", **options)
+
+
+def test_returns_llava_next_tuple(loaded_tiny, tiny_checkpoint):
+    tokenizer, model, image_processor, max_length = loaded_tiny
+    config = json.loads((tiny_checkpoint / "config.json").read_text())
+    assert max_length == config["max_position_embeddings"]
+    assert type(model).__name__ == "LlavaQwenForCausalLM"
+    assert model.config.model_type == "llava_qwen"
+    # Tied embeddings: lm_head.weight is absent from the files and shares the embedding's storage.
+    assert model.lm_head.weight.data_ptr() == model.get_model().embed_tokens.weight.data_ptr()
+    assert image_processor.preprocess(torch.zeros(2, 30, 40, 3, dtype=torch.uint8).numpy())["pixel_values"].shape == (
+        2, 3, model.get_vision_tower().image_size, model.get_vision_tower().image_size)
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") == config["eos_token_id"]
+
+
+def test_registered_with_auto_classes():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from llava.model import LlavaQwenConfig, LlavaQwenForCausalLM
+
+    assert AutoConfig.for_model("llava_qwen").__class__ is LlavaQwenConfig
+    assert AutoModelForCausalLM._model_mapping[LlavaQwenConfig] is LlavaQwenForCausalLM
+
+
+@pytest.mark.parametrize("dtype,expected", [("bfloat16", torch.bfloat16), ("float16", torch.float16)])
+def test_dtype_is_honoured(tiny_checkpoint, dtype, expected):
+    _, model, _, _ = load(tiny_checkpoint, torch_dtype=dtype)
+    assert {p.dtype for p in model.parameters()} == {expected}
+
+
+def test_overwrite_config_is_applied_before_building(tiny_checkpoint):
+    _, model, _, _ = load(tiny_checkpoint, overwrite_config={"mm_spatial_pool_stride": 1, "mm_newline_position": "frame"})
+    video = random_video(2, model.get_vision_tower().image_size)
+    tokens, mask = model.encode_visual_items([video], ["video"], None)[0]
+    side = model.get_vision_tower().num_patches_per_side
+    assert tokens.shape[0] == 2 * (side * side + 1)  # stride 1: no pooling; a newline after each frame
+    assert int(mask.sum()) == 2 * side * side
+
+
+def test_unsharded_and_untied_checkpoint_loads(tmp_path):
+    path = make_tiny_checkpoint(tmp_path / "untied", "tiny", tie_word_embeddings=False)
+    assert (path / "model.safetensors").is_file()
+    _, model, _, _ = load(path)
+    assert not torch.equal(model.lm_head.weight, model.get_model().embed_tokens.weight)
+
+
+def test_missing_weight_is_named(tmp_path, tiny_checkpoint):
+    path = tmp_path / "broken"
+    shutil.copytree(tiny_checkpoint, path)
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    name = "model.mm_projector.2.weight"
+    shard = path / index["weight_map"].pop(name)
+    tensors = load_file(str(shard))
+    tensors.pop(name)
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"missing weights: \['model.mm_projector.2.weight'\]"):
+        load(path)
+
+
+def test_unexpected_weight_is_named(tmp_path):
+    path = make_tiny_checkpoint(tmp_path / "extra", "tiny")
+    tensors = load_file(str(path / "model.safetensors"))
+    tensors["model.surprise.weight"] = torch.zeros(3)
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="unexpected weights: .*model.surprise.weight"):
+        load(path)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("model_type", "llama", "Unsupported model_type 'llama'"),
+    ("architectures", ["LlavaLlamaForCausalLM"], "Unsupported architectures"),
+])
+def test_unknown_model_type_or_architecture(tmp_path, tiny_checkpoint, field, value, message):
+    path = tmp_path / "other"
+    shutil.copytree(tiny_checkpoint, path)
+    config = json.loads((path / "config.json").read_text())
+    config[field] = value
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=message):
+        load(path)
+
+
+def test_bad_paths_and_arguments(tmp_path, tiny_checkpoint):
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load(tmp_path)
+    with pytest.raises(FileNotFoundError, match="not a checkpoint folder"):
+        load(tmp_path / "nowhere" / "model")
+    with pytest.raises(ValueError, match="torch_dtype='float8'"):
+        load(tiny_checkpoint, torch_dtype="float8")
+    with pytest.raises(ValueError, match="attn_implementation='magic'"):
+        load(tiny_checkpoint, attn_implementation="magic")
+    with pytest.raises(TypeError, match="unknown keyword argument.*colour"):
+        load(tiny_checkpoint, colour="blue")
+    with pytest.raises(ValueError, match="dycoke_p=1.0 is out of range"):
+        load(tiny_checkpoint, dycoke=True, dycoke_p=1.0)
+
+
+def test_unknown_vision_tower_is_named(tmp_path, tiny_checkpoint):
+    path = tmp_path / "tower"
+    shutil.copytree(tiny_checkpoint, path)
+    config = json.loads((path / "config.json").read_text())
+    config["mm_vision_tower"] = "someone/unknown-tower"
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="Unknown vision tower 'someone/unknown-tower'"):
+        load(path)
+
+
+def test_placeholder_and_image_count_must_match(loaded_tiny):
+    tokenizer, model, _, _ = loaded_tiny
+    video = random_video(2, model.get_vision_tower().image_size)
+    with_placeholder = prompt_ids(tokenizer, "Hi")
+    without = prompt_ids(tokenizer, "Hi", with_image=False)
+    with pytest.raises(ValueError, match=r"0 '<image>' placeholder\(s\).*1 image"):
+        model.generate(without, images=[video], modalities=["video"], max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"1 '<image>' placeholder\(s\).*0 image"):
+        model.generate(with_placeholder, max_new_tokens=2)
+
+
+def test_bad_video_tensors_are_named(loaded_tiny):
+    tokenizer, model, _, _ = loaded_tiny
+    size = model.get_vision_tower().image_size
+    ids = prompt_ids(tokenizer, "Hi")
+    with pytest.raises(ValueError, match=r"video 0 must be a tensor of shape \(frames, 3, 98, 98\); got \(4, 98, 98, 3\)"):
+        model.generate(ids, images=[torch.zeros(4, size, size, 3)], modalities=["video"], max_new_tokens=2)
+    with pytest.raises(ValueError, match="video 0 has zero frames"):
+        model.generate(ids, images=[torch.zeros(0, 3, size, size)], modalities=["video"], max_new_tokens=2)
+    with pytest.raises(ValueError, match="Unknown modality 'audio'"):
+        model.generate(ids, images=[random_video(2, size)], modalities=["audio"], max_new_tokens=2)
+
+
+def test_padded_batch_rows_equal_single_runs(loaded_tiny):
+    tokenizer, model, _, _ = loaded_tiny
+    size = model.get_vision_tower().image_size
+    videos = [random_video(4, size, seed=5), random_video(6, size, seed=6)]
+    prompts = [prompt_ids(tokenizer, "What moves?")[0], prompt_ids(tokenizer, "Describe the whole scene in detail.")[0]]
+    singles = [
+        model.generate(p[None], images=[v], modalities=["video"], max_new_tokens=6, do_sample=False, eos_token_id=None)
+        for p, v in zip(prompts, videos)
+    ]
+    # Right-padded input, as a naive caller would build it: rows are re-padded internally.
+    width = max(len(p) for p in prompts)
+    pad = tokenizer.pad_token_id
+    batch = torch.full((2, width), pad)
+    mask = torch.zeros((2, width), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        batch[row, : len(p)] = p
+        mask[row, : len(p)] = 1
+    together = model.generate(batch, attention_mask=mask, images=videos, modalities=["video", "video"],
+                              max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=pad)
+    assert torch.equal(together[0], singles[0][0])
+    assert torch.equal(together[1], singles[1][0])
+
+
+def test_two_videos_in_one_prompt(loaded_tiny):
+    tokenizer, model, _, _ = loaded_tiny
+    size = model.get_vision_tower().image_size
+    ids = prompt_ids(tokenizer, "Compare with <image> please.")
+    assert int((ids == -200).sum()) == 2
+    first, second = random_video(2, size, seed=7), random_video(3, size, seed=8)
+    mm = model.build_multimodal_inputs(ids, None, None, [first, second], ["video"], None)
+    per_frame = model.get_2dPool(model.encode_images(first)).shape[1]
+    assert mm.visual_token_count == (2 + 3) * per_frame + 2  # one newline per video (one_token)
+    assert int(mm.video_token_mask.sum()) == (2 + 3) * per_frame
