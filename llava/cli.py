@@ -11,6 +11,8 @@ sample video.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
 import sys
 import tempfile
 import time
@@ -42,6 +44,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.frames < 1:
         parser.error(f"--frames must be >= 1, got {args.frames}")
+    if args.visualize:  # fail before the model runs, not after
+        if importlib.util.find_spec("matplotlib") is None:
+            parser.error("--visualize needs matplotlib: pip install 'llava[viz]' (or pip install matplotlib)")
+        if not Path(args.visualize).resolve().parent.is_dir():
+            parser.error(f"--visualize: folder {str(Path(args.visualize).resolve().parent)!r} does not exist")
     return args
 
 
@@ -67,7 +74,8 @@ def load(args):
     return loaded
 
 
-def read_frames(args, image_processor, workdir: Path):
+def read_frames(args, workdir: Path):
+    """Decode the sampled frames (before the model loads, so a bad video fails fast)."""
     from llava.video import load_video, make_sample_video
 
     video = args.video
@@ -78,8 +86,7 @@ def read_frames(args, image_processor, workdir: Path):
     say(f"Decoding {args.frames} frames from {video} ...")
     frames, info = load_video(video, args.frames)
     say(f"Read {info.num_frames} frames of {info.total_frames} ({info.duration:.1f} s of video).")
-    pixels = image_processor.preprocess(frames, return_tensors="pt")["pixel_values"]
-    return frames, pixels
+    return frames, info
 
 
 def prompt_ids(tokenizer, question: str, template: str) -> torch.Tensor:
@@ -107,10 +114,16 @@ def run_once(model, tokenizer, ids, pixels, args, compressor: str) -> dict:
 
     model.configure_compression(**compression_args(args, compressor))
     say(f"Generating with compressor={compressor} ...")
-    output, timing = timed_generate(
-        model, ids.to(model.device), images=[pixels.to(model.device)], modalities=["video"],
-        max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-    )
+    recorder = None
+    if args.visualize:  # records the kept tokens for the picture (no host-device sync added)
+        from llava.visualize import CompressionRecorder
+
+        recorder = CompressionRecorder(model)
+    with recorder or contextlib.nullcontext():
+        output, timing = timed_generate(
+            model, ids.to(model.device), images=[pixels.to(model.device)], modalities=["video"],
+            max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+        )
     stats = model.last_compression_stats
     return {
         "compressor": compressor,
@@ -118,6 +131,7 @@ def run_once(model, tokenizer, ids, pixels, args, compressor: str) -> dict:
         "visual_tokens": stats["video_tokens_after"],
         "timing": timing,
         "stats": stats,
+        "trace": recorder.trace if recorder else None,
     }
 
 
@@ -141,9 +155,10 @@ def main(argv=None) -> int:
     from llava.video import VideoLoadError
 
     try:
-        tokenizer, model, image_processor, _ = load(args)
         with tempfile.TemporaryDirectory() as workdir:
-            frames, pixels = read_frames(args, image_processor, Path(workdir))
+            frames, info = read_frames(args, Path(workdir))
+        tokenizer, model, image_processor, _ = load(args)
+        pixels = image_processor.preprocess(frames, return_tensors="pt")["pixel_values"]
         ids = prompt_ids(tokenizer, args.question, args.conv_template)
         compressors = ["none", args.compressor] if args.compare and args.compressor != "none" else [args.compressor]
         results = [run_once(model, tokenizer, ids, pixels, args, c) for c in compressors]
@@ -159,7 +174,11 @@ def main(argv=None) -> int:
     if args.visualize:
         from llava.visualize import write_visualization
 
-        write_visualization(args.visualize, frames, model, pixels, results)
+        try:
+            write_visualization(args.visualize, frames, model, pixels, results, frame_times=info.frame_times)
+        except OSError as error:
+            say(f"error: cannot write {args.visualize}: {error}")
+            return 2
         print(f"Wrote {args.visualize}")
     return 0
 

@@ -102,12 +102,10 @@ class CompressionMixin:
             f"{self.compression.compressor}: video tokens {stats['video_tokens_before']} -> {stats['video_tokens_after']}"
         )
         kv = stats.get("kv_pruning")
-        if kv and kv.get("steps"):
-            active = kv.get("active_image_tokens_per_step") or []
-            mean_active = sum(map(_row_mean, active)) / max(len(active), 1)
+        if kv and kv.get("decode_steps"):
             line += (
-                f"; KV pruning: {kv['steps']} decoding steps, mean active image tokens {mean_active:.1f}, "
-                f"active set recomputed {kv.get('recomputations')} times"
+                f"; KV pruning over {kv['decode_steps']} decoding steps: active image tokens {kv['active_image_tokens']} "
+                f"of {kv['image_tokens']} per row, active set recomputed {kv['recomputations']} times"
             )
         logger.info(line)
 
@@ -129,12 +127,6 @@ def _first_video_position(mm) -> int:
     row_mask = mm.video_token_mask[0]
     padding = int((~mm.attention_mask[0]).long().cumprod(0).sum())  # left padding length
     return int(row_mask.long().argmax()) - padding
-
-
-def _row_mean(value) -> float:
-    if isinstance(value, (list, tuple)):
-        return sum(value) / max(len(value), 1)
-    return float(value)
 
 
 # Model attributes that read and write the compression settings, e.g. ``model.dycoke_k = 0.5``.

@@ -1,0 +1,210 @@
+"""The ``llava-video`` command-line tool (``llava.cli``) and its ``--visualize`` picture (``llava.visualize``).
+
+Everything runs on the tiny random-weight checkpoint with a generated video, a few frames and a few new tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from llava import cli
+from llava.video import make_sample_video
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TABLE_COLUMNS = ["compressor", "visual tokens", "vision ms", "prefill ms", "decode ms/token", "peak memory", "answer"]
+DISCLAIMER = "The built-in model has random weights"
+
+
+@pytest.fixture(scope="module")
+def sample_video(tmp_path_factory) -> Path:
+    return make_sample_video(tmp_path_factory.mktemp("video") / "sample.mp4")
+
+
+def table_rows(stdout: str) -> dict[str, dict[str, str]]:
+    """The ``--compare`` table as {compressor: {column: cell}}; asserts the header."""
+    lines = [line for line in stdout.splitlines() if line.startswith("|")]
+    assert lines, f"no table in the output:\n{stdout}"
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    assert header == TABLE_COLUMNS
+    assert set(lines[1]) <= {"|", "-"}, "second table line should be the separator"
+    rows = {}
+    for line in lines[2:]:
+        cells = [cell.strip() for cell in line.strip("|").split("|", len(TABLE_COLUMNS) - 1)]
+        rows[cells[0]] = dict(zip(TABLE_COLUMNS, cells))
+    return rows
+
+
+@pytest.fixture(scope="module")
+def compare_run(tiny_checkpoint, sample_video, tmp_path_factory):
+    """One in-process ``--compare --visualize`` run, shared by the tests that read its output."""
+    png = tmp_path_factory.mktemp("viz") / "kept.png"
+    out, err = io.StringIO(), io.StringIO()  # module scope: no capsys, capture by hand
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main([
+            str(sample_video), "What moves?", "--model", str(tiny_checkpoint), "--frames", "8",
+            "--max-new-tokens", "4", "--compare", "--visualize", str(png),
+        ])
+    return {"code": code, "stdout": out.getvalue(), "stderr": err.getvalue(), "png": png}
+
+
+# ---- a normal run ------------------------------------------------------------------------------------------------
+
+
+def test_compare_prints_answers_and_table(compare_run):
+    assert compare_run["code"] == 0, compare_run["stderr"]
+    stdout = compare_run["stdout"]
+    assert "Question: What moves?" in stdout
+    assert re.search(r"^Answer \(none\): ", stdout, re.M)
+    assert re.search(r"^Answer \(dycoke\): ", stdout, re.M)
+    assert DISCLAIMER not in stdout  # --model was given
+    rows = table_rows(stdout)
+    assert list(rows) == ["none", "dycoke"]
+    baseline, dycoke = int(rows["none"]["visual tokens"]), int(rows["dycoke"]["visual tokens"])
+    assert baseline == 8 * 16  # tiny preset: 4x4 pooled tokens per frame, no newline token (flat one_token)
+    assert 0 < dycoke < baseline
+    for row in rows.values():
+        float(row["vision ms"]), float(row["prefill ms"]), float(row["decode ms/token"])
+        assert row["peak memory"] == "n/a (CPU)"
+
+
+def test_visualize_writes_a_readable_png(compare_run):
+    from PIL import Image
+
+    png = compare_run["png"]
+    assert f"Wrote {png}" in compare_run["stdout"]
+    with Image.open(png) as image:
+        assert image.format == "PNG"
+        width, height = image.size
+        assert width >= 800 and height >= 500
+        pixels = np.asarray(image.convert("RGB"))
+    assert pixels.std() > 20  # not blank
+    colours = np.unique(pixels[::3, ::3].reshape(-1, 3), axis=0)
+    assert len(colours) > 100  # frames, overlays and a heatmap, not a flat image
+
+
+def test_recorder_maps_dycoke_active_set_to_frames(tiny_checkpoint, sample_video, tmp_path):
+    """The heatmap's data: per decoding step, the active video tokens of each frame add up to DyCoke's count."""
+    from llava.model.builder import load_pretrained_model
+    from llava.video import load_video
+    from llava.visualize import CompressionRecorder, active_fraction_per_frame, kept_mask, write_visualization
+    from llava.compression.layout import video_token_layout
+    from llava.compression.ttm import TemporalTokenMerging
+
+    tokenizer, model, processor, _ = load_pretrained_model(
+        str(tiny_checkpoint), None, "llava_qwen", device_map="cpu", torch_dtype="float32", attn_implementation="sdpa"
+    )
+    frames, info = load_video(str(sample_video), 6)
+    pixels = processor.preprocess(frames, return_tensors="pt")["pixel_values"]
+    ids = cli.prompt_ids(tokenizer, "What moves?", "qwen_1_5")
+    model.configure_compression(compressor="dycoke", dycoke_k=0.7, dycoke_l=2, dycoke_p=0.5)
+    with CompressionRecorder(model) as trace:
+        model.generate(ids, images=[pixels], modalities=["video"], max_new_tokens=5, do_sample=False,
+                       pad_token_id=tokenizer.pad_token_id)
+    assert trace.compressor == "dycoke" and trace.selection_recorded
+    assert trace.pooled.shape[:2] == (6, 16)
+    # The recorded choice is TTM's choice on the recorded features.
+    recomputed = TemporalTokenMerging(0.7).select(trace.pooled)
+    assert torch.equal(recomputed.index, trace.selection.index)
+    assert "_record_video_compression" not in model.__dict__  # hooks removed after the block
+
+    stats = trace.kv_stats
+    steps = stats["decode_steps"]
+    assert steps == 4 and len(trace.active_positions) == steps
+    assert trace.video_positions.numel() == trace.selection.num_kept == stats["image_tokens"][0]
+    sources = video_token_layout(6, 16, trace.selection, "one_token", (4, 4), with_newline=False)
+    fraction, active, in_prompt = active_fraction_per_frame(trace.active_positions, trace.video_positions, sources, 16, 6)
+    assert in_prompt.tolist() == trace.selection.per_frame.tolist()
+    assert (active.sum(axis=1) == stats["active_image_tokens"][0]).all()
+    assert ((fraction >= 0) & (fraction <= 1)).all()
+    assert kept_mask(trace.selection, 6, 16).sum(axis=1).tolist() == in_prompt.tolist()
+
+    # Without any recorded trace the picture is still drawn (features recomputed, KV panel explains why empty).
+    png = write_visualization(tmp_path / "fallback.png", frames, model, pixels, [{"compressor": "none"}])
+    assert Path(png).stat().st_size > 10_000
+
+
+# ---- the console entry and the built-in model --------------------------------------------------------------------
+
+
+def test_module_entry_with_builtin_model(tmp_path):
+    """``python -m llava.cli`` with no VIDEO and no --model: generated video, built-in model, disclaimer."""
+    env = dict(os.environ, LLAVA_CACHE=str(tmp_path / "cache"))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    completed = subprocess.run(
+        [sys.executable, "-m", "llava.cli", "--frames", "4", "--max-new-tokens", "4"],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert re.search(r"^Answer \(dycoke\): ", completed.stdout, re.M)
+    assert DISCLAIMER in completed.stdout
+    assert "random-weight" in completed.stderr and "generated a sample video" in completed.stderr
+    assert list(table_rows(completed.stdout)) == ["dycoke"]
+    assert (tmp_path / "cache" / "builtin-small" / "config.json").is_file()  # LLAVA_CACHE is honoured
+    assert "Traceback" not in completed.stderr
+
+
+# ---- errors: exit code 2 with a message, never a traceback ---------------------------------------------------------
+
+
+def run_main(argv, capsys) -> tuple[int, str, str]:
+    try:
+        code = cli.main(argv)
+    except SystemExit as exit_:  # argparse errors
+        code = exit_.code
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    return code, out, err
+
+
+def test_missing_video_file(tiny_checkpoint, tmp_path, capsys):
+    code, _, err = run_main([str(tmp_path / "nope.mp4"), "--model", str(tiny_checkpoint), "--frames", "4"], capsys)
+    assert code == 2
+    assert "error: Video file not found" in err and "nope.mp4" in err
+
+
+def test_corrupt_video_file(tiny_checkpoint, tmp_path, capsys):
+    corrupt = tmp_path / "corrupt.mp4"
+    corrupt.write_bytes(b"this is not a video" * 100)
+    code, _, err = run_main([str(corrupt), "--model", str(tiny_checkpoint), "--frames", "4"], capsys)
+    assert code == 2
+    assert "error: Cannot decode video" in err and "corrupt.mp4" in err
+
+
+def test_unknown_compressor_lists_the_allowed_ones(capsys):
+    code, _, err = run_main(["--compressor", "fastvid"], capsys)
+    assert code == 2
+    assert "invalid choice: 'fastvid'" in err
+    for name in cli.COMPRESSORS:
+        assert f"'{name}'" in err
+
+
+@pytest.mark.parametrize("folder", ["missing", "empty"])
+def test_missing_model_folder(folder, sample_video, tmp_path, capsys):
+    model = tmp_path / folder
+    if folder == "empty":
+        model.mkdir()
+    code, _, err = run_main([str(sample_video), "--model", str(model), "--frames", "4"], capsys)
+    assert code == 2
+    assert err.strip().splitlines()[-1].startswith("error: ") and str(model) in err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--frames", "0"], "--frames must be >= 1"),
+        (["--visualize", "/no/such/folder/out.png"], "does not exist"),
+    ],
+)
+def test_bad_arguments(argv, message, capsys):
+    code, _, err = run_main(argv, capsys)
+    assert code == 2 and message in err
