@@ -8,16 +8,18 @@ keys; layers < L attend to everything; prefill is exact. Pruned keys stay in the
 
 How it runs: layers L-1.. of ``model.layers`` are switched in place to :class:`DyCokeDecoderLayer` (same module
 objects, same weights). Layer L-1 runs unchanged through the model's own attention backend and afterwards
-computes the decision for its single query. When the active set is (re)computed, every layer >= L gathers a
-compact copy of its attended keys/values once (:class:`_CompactKV`); on the steps that reuse the active set it
-only appends the new token's key/value to that copy. Layers >= L attend over the compact copy with torch's
+computes the decision for its single query (q.K^T over that layer's cache). Every layer >= L keeps a compact
+copy of the keys/values it attends to, laid out [non-image prefill | active image | decoded] (:class:`_CompactKV`):
+built on the first decoding step, its active-image part re-gathered only on the steps that recompute the active
+set, and the new token appended at every step. Layers >= L attend over that copy with torch's
 ``scaled_dot_product_attention``, whatever backend the model uses, so the path never depends on a backend
 accepting an arbitrary mask. Per decoding step there is exactly one host read (whether any row recomputed its
-active set, which decides between gathering and appending); there is none per layer.
+active set); there is none per layer.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import types
 from dataclasses import dataclass, field
@@ -57,6 +59,8 @@ class DyCokeKVPruning:
         self._sequence: _SequenceState | None = None  # the sequence being decoded with pruning
         self._image_tokens: list[int] = []
         self._active_image_tokens: list[int] = []
+        self._recomputed: list[torch.Tensor] = []  # (B,) bool per decoding step, kept on device
+        self._similarity: list[torch.Tensor] = []  # (B,) float per decoding step, kept on device
 
     def __repr__(self) -> str:
         return f"DyCokeKVPruning(layer={self.layer}, ratio={self.ratio}, threshold={self.threshold})"
@@ -72,11 +76,13 @@ class DyCokeKVPruning:
             raise TypeError(f"prunable_mask must be a torch.bool tensor, got {_describe(prunable_mask)}")
         if prunable_mask.ndim != 2:
             raise ValueError(f"prunable_mask must have shape (batch, prefill_length), got {tuple(prunable_mask.shape)}")
+        # Everything is reset here (the public code keeps a_prev across generate calls: a leak, not kept).
         layout = _ImageLayout.from_mask(prunable_mask, self.ratio)
         self._image_tokens = layout.image_counts
         self._active_image_tokens = layout.keep_counts if self.ratio > 0 else list(layout.image_counts)
         self._pending = layout if self.ratio > 0 and any(layout.image_counts) else None
         self._sequence = None
+        self._recomputed, self._similarity = [], []
 
     @property
     def stats(self) -> dict:
@@ -87,26 +93,28 @@ class DyCokeKVPruning:
         row (the first decoding step counts); ``recompute_steps`` lists, per row, the decoding steps at which the
         active set was recomputed; ``similarity`` holds, per row, cos(a, a_prev) of every step (NaN at step 0).
         """
-        sequence = self._sequence
-        flags = torch.stack(sequence.recomputed).T.tolist() if sequence and sequence.recomputed else None
-        similarity = torch.stack(sequence.similarity).T.tolist() if sequence and sequence.similarity else None
         rows = len(self._image_tokens)
+        flags = torch.stack(self._recomputed).T.tolist() if self._recomputed else [[] for _ in range(rows)]
+        similarity = torch.stack(self._similarity).T.tolist() if self._similarity else [[] for _ in range(rows)]
         return {
             "image_tokens": list(self._image_tokens),
             "active_image_tokens": list(self._active_image_tokens),
-            "decode_steps": sequence.steps if sequence else 0,
-            "recomputations": [sum(row) for row in flags] if flags else [0] * rows,
-            "recompute_steps": [[i for i, hit in enumerate(row) if hit] for row in flags] if flags else [[]] * rows,
-            "similarity": similarity if similarity else [[] for _ in range(rows)],
+            "decode_steps": len(self._recomputed),
+            "recomputations": [sum(row) for row in flags],
+            "recompute_steps": [[step for step, hit in enumerate(row) if hit] for row in flags],
+            "similarity": similarity,
         }
 
     # ---- called by the installed layers -------------------------------------------------------------------
 
-    def _follow_sequence(self, cached_length: int, batch: int, query_length: int) -> bool:
+    def _follow_sequence(self, cached_length: int, hidden_states: torch.Tensor) -> bool:
         """Track which sequence the model is running; True when this forward is a decoding step to prune."""
+        batch, query_length = hidden_states.shape[:2]
         if cached_length == 0:  # prefill of a new sequence: it takes the layout armed by start(), if any
             pending, self._pending = self._pending, None
-            self._sequence = _SequenceState(pending.checked_against(batch, query_length)) if pending else None
+            self._sequence = None
+            if pending is not None:
+                self._sequence = _SequenceState(pending.bound_to(batch, query_length, hidden_states.device))
             return False
         if self._sequence is None:
             return False
@@ -138,14 +146,14 @@ class DyCokeKVPruning:
             recompute = (similarity < self.threshold) & layout.has_image
         # As in the public code, a_prev follows every step, not only the steps that recompute.
         sequence.previous_attention = image_attention
-        # The one host read of the step: layers >= L either re-gather their compact copy or append to it.
+        # The one host read of the step: layers >= L re-gather the active part of their compact copy or not.
         # (The public code attends to the full cache on the steps that keep the active set: a bug, not kept.)
-        regather = first_step or bool(recompute.any())
-        if regather:
+        recomputed = first_step or bool(recompute.any())
+        if recomputed:
             sequence.select_active(image_attention, recompute)
-        sequence.plan_step(cache_length, key_valid, regather)
-        sequence.recomputed.append(recompute)
-        sequence.similarity.append(similarity.float())
+        sequence.plan_step(keys, key_valid, recomputed)
+        self._recomputed.append(recompute)
+        self._similarity.append(similarity.float())
 
 
 @dataclass
@@ -190,7 +198,8 @@ class _ImageLayout:
         """All rows have the same counts, so no padded slot exists in the compact layout."""
         return len(set(self.image_counts)) == 1
 
-    def checked_against(self, batch: int, length: int) -> _ImageLayout:
+    def bound_to(self, batch: int, length: int, device: torch.device) -> _ImageLayout:
+        """This layout on the model's device, after checking it describes the prefill (batch, length)."""
         if (batch, length) != (len(self.image_counts), self.prefill_length):
             raise ValueError(
                 f"DyCoke KV pruning was started with a prunable_mask of shape "
@@ -198,17 +207,21 @@ class _ImageLayout:
                 "pass the image-token mask of exactly the sequence being generated (beam search and "
                 "num_return_sequences > 1 are not supported)"
             )
-        return self
+        tensors = {item.name: getattr(self, item.name) for item in dataclasses.fields(self)}
+        return dataclasses.replace(
+            self, **{name: value.to(device) for name, value in tensors.items() if isinstance(value, torch.Tensor)}
+        )
 
 
 @dataclass
 class _StepPlan:
-    """What layers >= L attend to at the current decoding step."""
+    """What layers >= L do at the current decoding step (shared by all of them)."""
 
-    regather: bool
-    index: torch.Tensor | None  # (B, n) cache positions of the compact layout, when regathering
-    valid: torch.Tensor | None  # (B, n) key-padding mask of the compact layout, None when all are valid
-    length: int
+    cache_length: int
+    other_rows: torch.Tensor | None  # first step only: flat cache rows of the non-image prefill tokens
+    active_rows: torch.Tensor | None  # steps that recompute: flat cache rows of the active image tokens
+    valid: torch.Tensor | None  # (B, length) key-padding mask of the compact layout, None when all are valid
+    length: int  # compact keys after this step
 
 
 @dataclass
@@ -219,8 +232,6 @@ class _SequenceState:
     active: torch.Tensor | None = None  # (B, K_max) cache positions of the active image tokens
     plan: _StepPlan | None = None
     compact: dict[int, _CompactKV] = field(default_factory=dict)
-    recomputed: list[torch.Tensor] = field(default_factory=list)
-    similarity: list[torch.Tensor] = field(default_factory=list)
 
     def select_active(self, image_attention: torch.Tensor, recompute: torch.Tensor) -> None:
         layout = self.layout
@@ -229,16 +240,11 @@ class _SequenceState:
         candidate = layout.image_index.gather(1, top)
         self.active = candidate if self.active is None else torch.where(recompute[:, None], candidate, self.active)
 
-    def plan_step(self, cache_length: int, key_valid: torch.Tensor | None, regather: bool) -> None:
+    def plan_step(self, keys: torch.Tensor, key_valid: torch.Tensor | None, recomputed: bool) -> None:
         """Compact layout per row: [non-image prefill | active image | decoded tokens], padded slots masked."""
-        layout = self.layout
+        layout, cache_length = self.layout, keys.shape[2]
+        other_width, active_width = layout.other_index.shape[1], layout.active_valid.shape[1]
         decoded = cache_length - layout.prefill_length
-        length = layout.other_index.shape[1] + layout.active_valid.shape[1] + decoded
-        index = None
-        if regather:
-            decoded_positions = torch.arange(layout.prefill_length, cache_length, device=self.active.device)
-            decoded_positions = decoded_positions.expand(self.active.shape[0], -1)
-            index = torch.cat([layout.other_index, self.active, decoded_positions], dim=1)
         valid = None
         if key_valid is not None:
             other_valid = layout.other_valid & key_valid.gather(1, layout.other_index)
@@ -246,38 +252,47 @@ class _SequenceState:
         elif not layout.uniform_rows:
             decoded_valid = layout.active_valid.new_ones(layout.active_valid.shape[0], decoded)
             valid = torch.cat([layout.other_valid, layout.active_valid, decoded_valid], dim=1)
-        self.plan = _StepPlan(regather=regather, index=index, valid=valid, length=length)
+        self.plan = _StepPlan(
+            cache_length=cache_length,
+            other_rows=_flat_rows(layout.other_index, keys) if self.steps == 0 else None,
+            active_rows=_flat_rows(self.active, keys) if recomputed else None,
+            valid=valid,
+            length=other_width + active_width + decoded,
+        )
         self.steps += 1
 
 
 class _CompactKV:
     """One layer's keys/values at the compact layout's positions, with room to append decoded tokens."""
 
-    def __init__(self):
+    def __init__(self, other_width: int, active_width: int):
+        self.other_width = other_width
         self.keys: torch.Tensor | None = None
         self.values: torch.Tensor | None = None
-        self.length = 0
+        self.length = other_width + active_width
 
-    def regather(self, keys: torch.Tensor, values: torch.Tensor, index: torch.Tensor) -> None:
-        length = index.shape[1]
-        if self.keys is None or self.keys.shape[2] < length:
-            self.keys = _grown(keys, length)
-            self.values = _grown(values, length)
-        gather_index = index[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[3])
-        torch.gather(keys, 2, gather_index, out=self.keys[:, :, :length])
-        torch.gather(values, 2, gather_index, out=self.values[:, :, :length])
-        self.length = length
-
-    def append(self, key: torch.Tensor, value: torch.Tensor) -> None:
+    def update(self, plan: _StepPlan, all_keys, all_values, key, value) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bring the copy to this step's layout: fill what the plan re-selects, append the new token."""
+        if plan.other_rows is not None:
+            self.keys = _with_room(all_keys, self.length)
+            self.values = _with_room(all_values, self.length)
+            self._put_rows(all_keys, all_values, plan.other_rows, 0)
+        if plan.active_rows is not None:
+            self._put_rows(all_keys, all_values, plan.active_rows, self.other_width)
         if self.length == self.keys.shape[2]:
-            self.keys = _grown(self.keys, self.length, copy=True)
-            self.values = _grown(self.values, self.length, copy=True)
+            self.keys = _with_room(self.keys, self.length, copy=True)
+            self.values = _with_room(self.values, self.length, copy=True)
         self.keys[:, :, self.length] = key[:, :, 0]
         self.values[:, :, self.length] = value[:, :, 0]
         self.length += 1
-
-    def view(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.keys[:, :, : self.length], self.values[:, :, : self.length]
+
+    def _put_rows(self, all_keys, all_values, rows: torch.Tensor, start: int) -> None:
+        batch, heads, _, head_dim = all_keys.shape
+        width = rows.numel() // (batch * heads)
+        for source, target in ((all_keys, self.keys), (all_values, self.values)):
+            picked = source.reshape(-1, head_dim).index_select(0, rows)
+            target[:, :, start : start + width] = picked.view(batch, heads, width, head_dim)
 
 
 class DyCokeDecoderLayer(Qwen2DecoderLayer):
@@ -315,12 +330,11 @@ class DyCokeDecoderLayer(Qwen2DecoderLayer):
         if past_key_values is None:
             return unmodified()
         if layer_idx == pruning.layer - 1:
-            batch, query_length = hidden_states.shape[:2]
-            decoding = pruning._follow_sequence(past_key_values.get_seq_length(layer_idx), batch, query_length)
+            decoding = pruning._follow_sequence(past_key_values.get_seq_length(layer_idx), hidden_states)
             output = unmodified()
             if decoding:
                 keys = _dynamic_cache_layer(past_key_values, layer_idx).keys
-                key_valid = _key_validity(attention_mask, keys.shape[2])
+                key_valid = _key_validity(attention_mask, keys.shape[0], keys.shape[2])
                 query = self._rotated_query(hidden_states, position_embeddings)
                 pruning._decide(query, keys, key_valid, self.self_attn.scaling)
             return output
@@ -346,17 +360,25 @@ class DyCokeDecoderLayer(Qwen2DecoderLayer):
         # The full cache keeps every token: pruned image keys can become active again later.
         all_keys, all_values = past_key_values.update(key, value, attention.layer_idx)
 
-        compact = sequence.compact.setdefault(attention.layer_idx, _CompactKV())
-        if plan.regather:
-            compact.regather(all_keys, all_values, plan.index)
-        else:
-            compact.append(key, value)
+        if all_keys.shape[2] != plan.cache_length:
+            raise RuntimeError(
+                f"DyCoke KV pruning: layer {attention.layer_idx} holds {all_keys.shape[2]} cached tokens, the "
+                f"decision of this step was taken for {plan.cache_length}"
+            )
+        compact = sequence.compact.get(attention.layer_idx)
+        if compact is None and plan.other_rows is None:
+            raise RuntimeError(f"DyCoke KV pruning: layer {attention.layer_idx} missed the first decoding step")
+        if compact is None:
+            layout = sequence.layout
+            compact = _CompactKV(layout.other_index.shape[1], layout.active_valid.shape[1])
+            sequence.compact[attention.layer_idx] = compact
+        compact_keys, compact_values = compact.update(plan, all_keys, all_values, key, value)
         if compact.length != plan.length:
             raise RuntimeError(
                 f"DyCoke KV pruning: layer {attention.layer_idx} has {compact.length} compact keys, expected "
                 f"{plan.length}; a decoding step skipped this layer"
             )
-        attended = _single_query_attention(query, *compact.view(), plan.valid, attention.scaling)
+        attended = _single_query_attention(query, compact_keys, compact_values, plan.valid, attention.scaling)
         hidden_states = residual + attention.o_proj(attended)
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
@@ -426,7 +448,7 @@ def _rope(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return states * cos + rotate_half(states) * sin
 
 
-def _key_validity(attention_mask, key_length: int) -> torch.Tensor | None:
+def _key_validity(attention_mask, batch: int, key_length: int) -> torch.Tensor | None:
     """(batch, key_length) bool: keys the single query may attend, from the mask the backend was given.
 
     eager passes a 4D additive float mask, sdpa a 4D bool mask or None, flash attention a 2D padding mask or None.
@@ -446,10 +468,12 @@ def _key_validity(attention_mask, key_length: int) -> torch.Tensor | None:
     if rows.shape[1] != key_length:
         raise ValueError(f"attention mask covers {rows.shape[1]} keys, the cache holds {key_length}")
     if rows.dtype == torch.bool:
-        return rows
-    if rows.is_floating_point():
-        return rows > torch.finfo(rows.dtype).min / 2
-    return rows != 0
+        valid = rows
+    elif rows.is_floating_point():
+        valid = rows > torch.finfo(rows.dtype).min / 2
+    else:
+        valid = rows != 0
+    return valid.expand(batch, -1)
 
 
 def _mean_head_attention(
@@ -482,12 +506,23 @@ def _slots_below(counts: torch.Tensor, width: int) -> torch.Tensor:
     return torch.arange(width, device=counts.device) < counts[:, None]
 
 
-def _grown(states: torch.Tensor, length: int, copy: bool = False) -> torch.Tensor:
+def _with_room(states: torch.Tensor, length: int, copy: bool = False) -> torch.Tensor:
+    """A (batch, heads, length + growth, head_dim) buffer, holding states[:, :, :length] if copy."""
     batch, heads, _, head_dim = states.shape
     buffer = states.new_empty(batch, heads, length + _COMPACT_GROWTH, head_dim)
     if copy:
         buffer[:, :, :length] = states[:, :, :length]
     return buffer
+
+
+def _flat_rows(positions: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
+    """Row numbers in cache.reshape(-1, head_dim) of (batch, position) pairs, for every head: (B * heads * W,).
+
+    Selecting whole rows with index_select is several times faster than an element-wise torch.gather.
+    """
+    batch, heads, length, _ = cache.shape
+    head_offsets = torch.arange(batch * heads, device=positions.device).view(batch, heads, 1) * length
+    return (head_offsets + positions[:, None, :]).reshape(-1)
 
 
 def _describe(value) -> str:

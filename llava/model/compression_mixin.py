@@ -32,8 +32,9 @@ class CompressionMixin:
         """Change compression arguments (``dycoke=True``, ``compressor="vidcom2"``, ``dycoke_p=0.5`` ...)."""
         current = self.__dict__.get("_compression") or CompressionSettings()
         settings = settings_from_kwargs(kwargs, current).validate(self.config.num_hidden_layers)
+        compressor = _build_video_compressor(settings)  # may refuse: nothing is changed before this point
         self.__dict__["_compression"] = settings
-        self.__dict__["_video_compressor"] = _build_video_compressor(settings)
+        self.__dict__["_video_compressor"] = compressor
         pruning = DyCokeKVPruning(settings.dycoke_l, settings.dycoke_p) if settings.dycoke and settings.dycoke_p > 0 else None
         self.__dict__["_kv_pruning"] = pruning
         if pruning is None:
@@ -111,6 +112,10 @@ class CompressionMixin:
 
 
 def _build_video_compressor(settings: CompressionSettings):
+    if settings.compressor == "fastv":
+        raise NotImplementedError(
+            "compressor='fastv' is accepted by the settings but not implemented yet; use 'dycoke', 'vidcom2' or 'none'."
+        )
     if settings.compressor == "dycoke" and settings.dycoke_k > 0:
         return TemporalTokenMerging(settings.dycoke_k)
     if settings.compressor == "vidcom2":

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Install this package with its `eval` (lmms-eval) and `test` extras, editable, into the current Python.
+#
+#   bash scripts/install.sh          # CPU (default): CPU torch, lmms-eval without torchvision
+#   bash scripts/install.sh --gpu    # GPU: the plain route (CUDA torch from the registry), then flash-attn
+#
+# Why the CPU route is not a plain `pip install -e .[eval,test]`:
+#  * lmms-eval requires torchvision. The registry's newest torchvision wants a newer torch, so an unpinned
+#    install would replace the CPU torch by a multi-GB CUDA one: torch is pinned to the installed version.
+#  * The torchvision that matches is a CUDA build; next to a CPU torch it fails to import
+#    ("operator torchvision::nms does not exist"), and transformers then cannot import its model classes.
+#    Neither this package nor the paper's lmms-eval tasks use torchvision, so a broken one is removed, and
+#    so is timm, which imports torchvision and is itself imported by `accelerate launch`.
+# Re-running is safe: every step is idempotent. Environment:
+#   PYTHON           interpreter to install into (default: python)
+#   TORCH_SPEC       CPU torch to install (default: torch==2.13.0)
+#   TORCH_PIP_ARGS   extra pip args for that torch, e.g. "--index-url https://download.pytorch.org/whl/cpu"
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PYTHON="${PYTHON:-python}"
+TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
+MODE=cpu
+for arg in "$@"; do
+    case "$arg" in
+        --gpu) MODE=gpu ;;
+        --cpu) MODE=cpu ;;
+        -h | --help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
+        *) echo "install.sh: unknown option $arg (use --cpu or --gpu)" >&2; exit 2 ;;
+    esac
+done
+
+run() {
+    echo "+ $*"
+    "$@"
+}
+
+START=$SECONDS
+echo "Installing llava[eval,test] from $ROOT into $("$PYTHON" -c 'import sys; print(sys.prefix)') ($MODE)"
+
+if [ "$MODE" = gpu ]; then
+    run "$PYTHON" -m pip install -e "$ROOT[eval,test]"
+    # flash-attn builds against the installed torch, so it cannot use pip's isolated build environment.
+    # It is optional: without it the loader falls back to sdpa attention.
+    run "$PYTHON" -m pip install packaging ninja wheel setuptools
+    run "$PYTHON" -m pip install --no-build-isolation flash-attn \
+        || echo "WARNING: flash-attn did not install; attn_implementation=flash_attention_2 will fall back to sdpa."
+else
+    # shellcheck disable=SC2086  # TORCH_PIP_ARGS is a list of words
+    run "$PYTHON" -m pip install ${TORCH_PIP_ARGS:-} "$TORCH_SPEC"
+    TORCH_VERSION="$("$PYTHON" -c 'import torch; print(torch.__version__.split("+")[0])')"
+    CONSTRAINTS="$(mktemp)"
+    trap 'rm -f "$CONSTRAINTS"' EXIT
+    echo "torch==$TORCH_VERSION" > "$CONSTRAINTS"
+    echo "# pinning torch==$TORCH_VERSION while installing the rest"
+    run "$PYTHON" -m pip install -c "$CONSTRAINTS" -e "$ROOT[eval,test]"
+    if ! "$PYTHON" -c 'import torchvision' > /dev/null 2>&1; then
+        echo "# torchvision does not import next to this torch (a CUDA build): removing it and timm"
+        run "$PYTHON" -m pip uninstall -y torchvision timm
+    fi
+fi
+
+echo "# checking the install"
+run "$PYTHON" - << 'EOF'
+import torch
+from transformers import Qwen2ForCausalLM  # noqa: F401  (fails if a broken torchvision is present)
+from lmms_eval.models import get_model
+
+for name in ("llava_onevision", "llava_vid"):
+    cls = get_model(name)
+    assert cls.__module__.startswith("llava.eval"), f"{name} resolves to {cls.__module__}, not this package's plugin"
+print(f"OK: torch {torch.__version__} (CUDA: {torch.cuda.is_available()}), lmms-eval models -> llava.eval")
+EOF
+run "$PYTHON" -c 'from accelerate.commands.accelerate_cli import main'  # what `accelerate launch` imports
+echo "Done in $((SECONDS - START)) s."
