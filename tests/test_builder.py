@@ -183,3 +183,17 @@ def test_two_videos_in_one_prompt(loaded_tiny):
     per_frame = model.get_2dPool(model.encode_images(first)).shape[1]
     assert mm.visual_token_count == (2 + 3) * per_frame + 2  # one newline per video (one_token)
     assert int(mm.video_token_mask.sum()) == (2 + 3) * per_frame
+
+
+def test_hub_id_without_network_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(OSError, match="Could not get nobody-here/no-such-llava from the hub or its local cache"):
+        load("nobody-here/no-such-llava")
+
+
+def test_quantized_loading_names_its_missing_dependency(tiny_checkpoint):
+    import importlib.util
+
+    assert importlib.util.find_spec("bitsandbytes") is None, "the CPU set-up does not install bitsandbytes"
+    with pytest.raises(ImportError, match="load_8bit / load_4bit need the bitsandbytes package"):
+        load(tiny_checkpoint, load_4bit=True)
