@@ -10,10 +10,12 @@ median of ``--runs`` runs after ``--warmup`` warm-up runs:
 - vision ms: ``build_multimodal_inputs`` (tower, projector, pooling, compression, splicing into the prompt);
 - prefill ms: the LM forward over the spliced prompt embeddings (batch 1, logits for the last token only);
 - TTFT ms: time to the first token of ``model.generate`` (vision + prefill + first sampling step);
-- decode ms/step at batch 1 and batch 8: a manual greedy loop over a ``DynamicCache`` after the prefill.
-  ``model._begin_compression(mm)`` is called before the prefill, exactly as ``generate`` does, so DyCoke's
-  KV pruning runs in the loop. Batch 8 is the same prompt 8 times; its prefill (set-up, not timed) always runs
-  with sdpa, since an eager batch-8 prefill of a 6k-token prompt needs over 50 GB for its score matrices at 7B;
+- decode ms/step at batch 1 and batch 8: a manual greedy loop of ``--decode-steps`` steps over a ``DynamicCache``
+  after the prefill. ``model._begin_compression(mm)`` is called before the prefill, exactly as ``generate`` does,
+  so DyCoke's KV pruning runs in the loop. Batch 8 is the same prompt 8 times, prefilled once per method (set-up,
+  not timed; always with sdpa, since an eager batch-8 prefill of a 6k-token prompt needs over 50 GB for its score
+  matrices at 7B); its loop then runs ``--warmup`` + ``--runs`` windows of ``--decode-steps`` steps, and the
+  median of the measured windows is reported;
 - e2e ms: ``model.generate`` for a short and a long answer (16 and 128 tokens; ``min_new_tokens ==
   max_new_tokens``, so EOS cannot end it early);
 - peak memory during the long ``generate``: on CUDA ``torch.cuda.max_memory_allocated`` (weights included);
@@ -78,8 +80,7 @@ COLUMNS = (
     "e2e_long_ms", "peak_memory_mib", "prefill_tflops", "decode_gbs", "ttft_ratio", "e2e_short_ratio",
     "e2e_long_ratio", "memory_ratio",
 )
-TIMED_KEYS = ("vision_ms", "prefill_ms", "ttft_ms", "decode_ms_b1", "decode_ms_b8", "e2e_short_ms", "e2e_long_ms",
-              "peak_memory_mib")
+TIMED_KEYS = ("vision_ms", "prefill_ms", "ttft_ms", "decode_ms_b1", "e2e_short_ms", "e2e_long_ms", "peak_memory_mib")
 
 QUESTION = (
     "Which of the following best describes what happens in the video?\n"
@@ -424,23 +425,29 @@ def prefill(model, mm):
     with Stopwatch(model.device) as watch:
         output = model(inputs_embeds=mm.inputs_embeds, attention_mask=mask, past_key_values=cache,
                        use_cache=True, logits_to_keep=1)
-    return cache, output.logits, mask, watch.seconds
+    return GreedyDecoder(model, cache, output.logits, mask), watch.seconds
 
 
-@torch.no_grad()
-def decode_seconds_per_step(model, cache, logits, mask, steps: int) -> float:
-    """Greedy decoding for ``steps`` tokens over the prefilled cache; mean seconds per step."""
-    token = logits[:, -1:].argmax(-1)
-    with Stopwatch(model.device) as watch:
-        for _ in range(steps):
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-            output = model(input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True)
-            token = output.logits[:, -1:].argmax(-1)
-    return watch.seconds / steps
+class GreedyDecoder:
+    """Greedy decoding over a prefilled ``DynamicCache``, one forward per token, as generate's loop does it."""
+
+    def __init__(self, model, cache, logits: torch.Tensor, mask: torch.Tensor):
+        self.model, self.cache, self.mask = model, cache, mask
+        self.token = logits[:, -1:].argmax(-1)
+
+    @torch.no_grad()
+    def seconds_per_step(self, steps: int) -> float:
+        with Stopwatch(self.model.device) as watch:
+            for _ in range(steps):
+                self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
+                output = self.model(input_ids=self.token, attention_mask=self.mask, past_key_values=self.cache,
+                                    use_cache=True)
+                self.token = output.logits[:, -1:].argmax(-1)
+        return watch.seconds / steps
 
 
 def timed_answer(bench: Bench, new_tokens: int, device: str):
-    """``generate`` with a forced answer length; returns its GenerationTiming and the RSS record (CPU)."""
+    """``generate`` with a forced answer length; returns its GenerationTiming and peak memory bytes (or None)."""
     measure_rss = torch.device(device).type != "cuda"
     with (rss_peak_increase() if measure_rss else _nothing()) as rss:
         output, timing = timed_generate(
@@ -459,19 +466,13 @@ def _nothing():
 
 
 def measure_once(bench: Bench, args, long_answer: bool = True) -> dict:
-    """Every measurement of one method, once. Returns raw numbers (ms, MiB, token counts)."""
+    """The batch-1 measurements of one method, once: raw numbers (ms, MiB, token counts)."""
     model = bench.model
     mm, vision_s = multimodal_inputs(bench)
-    cache, logits, mask, prefill_s = prefill(model, mm)
-    decode_b1 = decode_seconds_per_step(model, cache, logits, mask, args.decode_steps)
+    decoder, prefill_s = prefill(model, mm)
+    decode_s = decoder.seconds_per_step(args.decode_steps)
     kv_stats = model.last_compression_stats.get("kv_pruning")
-    del cache, logits
-
-    with attention_backend(model, "sdpa"):  # set-up only: see the module docstring
-        cache, logits, mask, _ = prefill(model, repeated_rows(mm, DECODE_BATCH))
-    decode_b8 = decode_seconds_per_step(model, cache, logits, mask, args.decode_steps)
-    del cache, logits
-
+    del decoder
     short, _ = timed_answer(bench, args.short_tokens, args.device)
     row = {
         "prompt_tokens": int(mm.inputs_embeds.shape[1]),
@@ -480,8 +481,7 @@ def measure_once(bench: Bench, args, long_answer: bool = True) -> dict:
         "vision_ms": vision_s * 1e3,
         "prefill_ms": prefill_s * 1e3,
         "ttft_ms": short.time_to_first_token_s * 1e3,
-        "decode_ms_b1": decode_b1 * 1e3,
-        "decode_ms_b8": decode_b8 * 1e3,
+        "decode_ms_b1": decode_s * 1e3,
         "e2e_short_ms": short.total_s * 1e3,
         "kv_recomputations_b1": _first_row(kv_stats, "recomputations"),
         "kv_active_image_tokens": _first_row(kv_stats, "active_image_tokens"),
@@ -491,6 +491,19 @@ def measure_once(bench: Bench, args, long_answer: bool = True) -> dict:
         row["e2e_long_ms"] = long.total_s * 1e3
         row["peak_memory_mib"] = peak / 2**20 if peak is not None else None
     return row
+
+
+def batched_decode_ms(bench: Bench, args) -> list[float]:
+    """ms/step at batch 8 (the prompt 8 times), one value per measured window of ``decode_steps`` steps.
+
+    One prefill serves every window (a batch-8 prefill is the costly part): ``warmup`` windows are discarded,
+    then ``runs`` windows are measured. The prefill is set-up only and always runs with sdpa (see the docstring).
+    """
+    mm, _ = multimodal_inputs(bench)
+    with attention_backend(bench.model, "sdpa"):
+        decoder, _ = prefill(bench.model, repeated_rows(mm, DECODE_BATCH))
+    windows = [decoder.seconds_per_step(args.decode_steps) * 1e3 for _ in range(args.warmup + args.runs)]
+    return windows[args.warmup :]
 
 
 def _first_row(stats: dict | None, key: str):
@@ -503,10 +516,10 @@ def _first_row(stats: dict | None, key: str):
 
 
 def benchmark_backend(bench: Bench, attn: str, args) -> dict:
-    """Warm-up, then ``args.runs`` interleaved runs of every method; returns {method: summary row}."""
+    """Warm-up, ``args.runs`` interleaved batch-1 runs of every method, then batch 8; returns {method: row}."""
     model = bench.model
     model.set_attn_implementation(attn)
-    for run in range(args.warmup):
+    for _ in range(args.warmup):
         for method in args.methods:
             model.configure_compression(**METHODS[method])
             measure_once(bench, args, long_answer=False)  # the long answer only repeats decode steps
@@ -515,29 +528,42 @@ def benchmark_backend(bench: Bench, attn: str, args) -> dict:
         for method in args.methods:
             model.configure_compression(**METHODS[method])
             runs[method].append(measure_once(bench, args))
-            print(f"  {attn} run {run + 1}/{args.runs} {method}: " + _short_summary(runs[method][-1]), file=sys.stderr)
+            say(f"  {attn} run {run + 1}/{args.runs} {method}: " + _short_summary(runs[method][-1]))
+    rows = {}
+    for method in args.methods:
+        model.configure_compression(**METHODS[method])
+        windows = batched_decode_ms(bench, args)
+        say(f"  {attn} batch {DECODE_BATCH} {method}: decode ms/step " + ", ".join(f"{w:.1f}" for w in windows))
+        rows[method] = summarize(runs[method], windows, METHODS[method], bench.facts, args)
     model.configure_compression(compressor="none")
-    rows = {method: summarize(runs[method], METHODS[method], bench.facts, args) for method in args.methods}
     add_ratios(rows)
     return rows
 
 
+def say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
 def _short_summary(row: dict) -> str:
-    return ", ".join(f"{k} {row[k]:.1f}" for k in ("ttft_ms", "decode_ms_b1", "decode_ms_b8", "e2e_long_ms"))
+    return ", ".join(f"{k} {row[k]:.1f}" for k in ("vision_ms", "prefill_ms", "ttft_ms", "decode_ms_b1", "e2e_long_ms"))
 
 
-def summarize(runs: list[dict], settings: dict, facts: ModelFacts, args) -> dict:
+def summarize(runs: list[dict], batched_windows: list[float], settings: dict, facts: ModelFacts, args) -> dict:
     """Medians of the timed numbers plus the derived throughputs."""
     first = runs[0]
-    row = {key: _median(run[key] for run in runs) for key in TIMED_KEYS}
+    row = {key: _median(run.get(key) for run in runs) for key in TIMED_KEYS}
+    row["decode_ms_b8"] = _median(batched_windows)
     for key in ("prompt_tokens", "visual_tokens", "video_tokens", "kv_recomputations_b1", "kv_active_image_tokens"):
         row[key] = first[key]
     row["prefill_tflops"] = prefill_flops(facts, row["prompt_tokens"]) / (row["prefill_ms"] * 1e-3) / 1e12
-    for batch, key in ((1, "decode_ms_b1"), (DECODE_BATCH, "decode_ms_b8")):
-        read = decode_bytes_per_step(facts, settings, row["prompt_tokens"], row["video_tokens"], args.decode_steps, batch)
-        row[f"decode_gbs_b{batch}"] = read / (row[key] * 1e-3) / 1e9
-    row["decode_gbs"] = row["decode_gbs_b1"]
+    shape = (row["prompt_tokens"], row["video_tokens"])
+    b1 = decode_bytes_per_step(facts, settings, *shape, decoded_before=0, steps=args.decode_steps, batch=1)
+    b8 = decode_bytes_per_step(facts, settings, *shape, decoded_before=args.warmup * args.decode_steps,
+                               steps=args.runs * args.decode_steps, batch=DECODE_BATCH)
+    row["decode_gbs"] = row["decode_gbs_b1"] = b1 / (row["decode_ms_b1"] * 1e-3) / 1e9
+    row["decode_gbs_b8"] = b8 / (row["decode_ms_b8"] * 1e-3) / 1e9
     row["runs"] = runs
+    row["decode_ms_b8_windows"] = batched_windows
     return row
 
 
@@ -552,10 +578,10 @@ def prefill_flops(facts: ModelFacts, tokens: int) -> float:
     return 2 * facts.layer_params * tokens + attention
 
 
-def decode_bytes_per_step(facts: ModelFacts, settings: dict, prompt_tokens: int, video_tokens: int,
-                          steps: int, batch: int) -> float:
+def decode_bytes_per_step(facts: ModelFacts, settings: dict, prompt_tokens: int, video_tokens: int, *,
+                          decoded_before: int, steps: int, batch: int) -> float:
     """Weights (decoder layers + lm_head) + the K/V entries the attention reads, at the loop's mean context."""
-    context = prompt_tokens + (steps + 1) / 2
+    context = prompt_tokens + decoded_before + (steps + 1) / 2
     layers_full, layers_pruned, pruned = facts.num_layers, 0, 0
     if settings.get("compressor") == "dycoke" and settings.get("dycoke_p", 0) > 0:
         layers_full = settings["dycoke_l"]
@@ -708,12 +734,12 @@ def run_benchmark(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     config = CONFIGS[args.config]
-    print(f"Building {args.config}: {config.description} ({args.device}, {args.dtype}) ...", file=sys.stderr)
+    say(f"Building {args.config}: {config.description} ({args.device}, {args.dtype}) ...")
     with tempfile.TemporaryDirectory() as workdir:
         bench = build_bench(args, Path(workdir))
         results = {}
         for attn in args.attn:
-            print(f"Measuring with attn={attn} ...", file=sys.stderr)
+            say(f"Measuring with attn={attn} ...")
             results[attn] = benchmark_backend(bench, attn, args)
     return {
         "config": args.config,

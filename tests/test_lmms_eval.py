@@ -214,3 +214,45 @@ def test_eval_sh_skips_gpt_judged_tasks_without_an_api_key(env, tmp_path):
     assert "NOTICE: skipping activitynetqa: it is scored by a GPT judge" in done.stdout
     assert "NOTICE: skipping video_dc499" in done.stdout
     assert "no task left to run" in done.stderr
+
+
+def test_gpu_runs_keep_the_stock_device_handling(monkeypatch):
+    """Data parallel and device_map=auto (72B) stay the stock wrapper's: only compression args are added."""
+    from lmms_eval.models.simple.llava_onevision import Llava_OneVision
+
+    from llava.eval.model_args import prepare
+
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    model_args = {"pretrained": "lmms-lab/x", "device_map": "auto", "dycoke": True, "dycoke_k": 0.5}
+    args = prepare("llava_onevision", Llava_OneVision.__init__, model_args, loader_args=("torch_dtype",))
+    assert args.stock == {"pretrained": "lmms-lab/x", "device_map": "auto"}
+    assert args.loader == {"dycoke": True, "dycoke_k": 0.5}
+
+
+def test_cpu_runs_use_the_single_process_branch_and_float32(monkeypatch):
+    from lmms_eval.models.simple.llava_vid import LlavaVid
+
+    from llava.eval.model_args import prepare
+
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)  # a GPU being present changes nothing
+    args = prepare("llava_vid", LlavaVid.__init__, {"pretrained": "p", "device": "cpu", "model_name": "llava_qwen"},
+                   loader_args=("model_name",))  # fmt: skip
+    assert args.stock == {"pretrained": "p", "device": "cpu", "device_map": "auto", "torch_dtype": "float32"}
+    assert args.loader == {"model_name": "llava_qwen", "device_map": "cpu"}
+
+
+def test_loader_extras_override_and_restore():
+    import types
+
+    from llava.eval.model_args import loader_extras
+
+    def load_pretrained_model(path, base, name, **kwargs):
+        return name, kwargs
+
+    module = types.SimpleNamespace(load_pretrained_model=load_pretrained_model)
+    with loader_extras(module, device_map="cpu", dycoke=True, model_name="llava_qwen") as calls:
+        result = module.load_pretrained_model("p", None, "derived-name", device_map="cuda:0", torch_dtype="float16")
+    assert result == ("llava_qwen", {"device_map": "cpu", "torch_dtype": "float16", "dycoke": True})
+    assert len(calls) == 1
+    assert module.load_pretrained_model is load_pretrained_model
