@@ -114,12 +114,9 @@ def run_once(model, tokenizer, ids, pixels, args, compressor: str) -> dict:
 
     model.configure_compression(**compression_args(args, compressor))
     say(f"Generating with compressor={compressor} ...")
-    recorder = None
-    if args.visualize:  # records the kept tokens for the picture (no host-device sync added)
-        from llava.visualize import CompressionRecorder
-
-        recorder = CompressionRecorder(model)
-    with recorder or contextlib.nullcontext():
+    # --visualize records the kept tokens for the picture (no host-device sync added while generating).
+    recording = model.compression_trace() if args.visualize else contextlib.nullcontext()
+    with recording as trace:
         output, timing = timed_generate(
             model, ids.to(model.device), images=[pixels.to(model.device)], modalities=["video"],
             max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
@@ -131,7 +128,7 @@ def run_once(model, tokenizer, ids, pixels, args, compressor: str) -> dict:
         "visual_tokens": stats["video_tokens_after"],
         "timing": timing,
         "stats": stats,
-        "trace": recorder.trace if recorder else None,
+        "trace": trace,
     }
 
 

@@ -7,10 +7,9 @@
 * Bottom: DyCoke's dynamic KV pruning over the decoding steps: a (decoding step x frame) heatmap of the
   fraction of each frame's prompt tokens (those TTM kept) that layers >= L attended at that step.
 
-Where the data comes from: :class:`CompressionRecorder`, entered around one ``generate`` call, reads through
-the model's hooks the pooled features and the selection of the (first) video (``_record_video_compression``),
-the video-token positions of the spliced prompt (``_begin_compression``) and DyCoke's active image positions
-after each decoding step's decision. A method that did not run is drawn from its selection computed on the
+Where the data comes from: ``model.compression_trace()`` (see :mod:`llava.model.compression_mixin`), entered
+around one ``generate`` call, records the pooled features and the selection of the (first) video, the
+video-token positions of the spliced prompt and DyCoke's active image positions after each decoding step. A method that did not run is drawn from its selection computed on the
 same pooled features (the compressors are deterministic functions of them), and says so in its label.
 
 Needs matplotlib (the ``viz`` extra: ``pip install llava[viz]``).
@@ -20,7 +19,6 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
@@ -30,8 +28,9 @@ from llava.compression.base import TokenSelection
 from llava.compression.layout import video_token_layout
 from llava.compression.ttm import TemporalTokenMerging
 from llava.compression.vidcom2 import VidCom2
+from llava.model.compression_mixin import CompressionTrace
 
-__all__ = ["CompressionRecorder", "CompressionTrace", "write_visualization", "kept_mask", "active_fraction_per_frame"]
+__all__ = ["CompressionTrace", "write_visualization", "kept_mask", "active_fraction_per_frame"]
 
 _FRAMES_PER_ROW = 8
 _PANEL_INCHES = 1.9
@@ -43,93 +42,6 @@ _CROSS_COLOR = "white"
 
 
 # ---- recording -----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class CompressionTrace:
-    """What one ``generate`` call did to its first video (filled by :class:`CompressionRecorder`)."""
-
-    compressor: str
-    pooled: torch.Tensor | None = None  # (F, N, D) pooled features the compressor saw
-    selection: TokenSelection | None = None  # the compressor's choice (None: everything kept)
-    selection_recorded: bool = False  # True once the architecture reported the video
-    video_positions: torch.Tensor | None = None  # (V,) prompt (= KV cache) positions of the video tokens, row 0
-    active_positions: list[torch.Tensor] = field(default_factory=list)  # per decoding step: (K,) positions, row 0
-    kv_stats: dict | None = None  # model.last_compression_stats["kv_pruning"] after the call
-    kv_settings: dict = field(default_factory=dict)  # layer L, ratio p, threshold of the KV pruning
-
-
-class CompressionRecorder:
-    """Context manager around one ``generate`` call that records a :class:`CompressionTrace`.
-
-    It wraps, on this model instance only and only inside the ``with`` block, the architecture's hooks
-    ``_record_video_compression`` and ``_begin_compression`` and the DyCoke KV pruning's per-step decision.
-    Recording adds no host-device synchronisation: tensors are kept where they are until the block ends.
-    """
-
-    def __init__(self, model):
-        self.model = model
-        compression = getattr(model, "compression", None)
-        self.trace = CompressionTrace(getattr(compression, "compressor", "none"))
-        self._patched: list[tuple[Any, str]] = []
-        self._video_mask: torch.Tensor | None = None
-
-    def __enter__(self) -> CompressionTrace:
-        model, trace = self.model, self.trace
-
-        record = getattr(model, "_record_video_compression", None)
-        if record is not None:
-
-            def recording_record(pooled, selection, _original=record):
-                if not trace.selection_recorded:
-                    trace.pooled, trace.selection, trace.selection_recorded = pooled.detach(), selection, True
-                return _original(pooled, selection)
-
-            self._patch(model, "_record_video_compression", recording_record)
-
-        begin = getattr(model, "_begin_compression", None)
-        if begin is not None:
-
-            def recording_begin(mm, _original=begin):
-                mask = getattr(mm, "video_token_mask", None)
-                if self._video_mask is None and mask is not None and mask.shape[0] >= 1:
-                    self._video_mask = mask[0].clone()  # positions taken at the end: no sync before prefill
-                return _original(mm)
-
-            self._patch(model, "_begin_compression", recording_begin)
-
-        pruning = model.__dict__.get("_kv_pruning")
-        if pruning is not None:
-            trace.kv_settings = {
-                "layer": getattr(pruning, "layer", None),
-                "ratio": getattr(pruning, "ratio", None),
-                "threshold": getattr(pruning, "threshold", None),
-            }
-            decide = getattr(pruning, "_decide", None)
-            if decide is not None:
-
-                def recording_decide(*args, _original=decide, **kwargs):
-                    result = _original(*args, **kwargs)
-                    active = getattr(getattr(pruning, "_sequence", None), "active", None)
-                    if active is not None:
-                        trace.active_positions.append(active[0])  # a new tensor whenever the set changes
-                    return result
-
-                self._patch(pruning, "_decide", recording_decide)
-        return trace
-
-    def __exit__(self, *exc_info) -> None:
-        for owner, name in reversed(self._patched):
-            owner.__dict__.pop(name, None)
-        self._patched.clear()
-        if self._video_mask is not None:
-            self.trace.video_positions = self._video_mask.nonzero().flatten()
-        stats = getattr(self.model, "last_compression_stats", None) or {}
-        self.trace.kv_stats = stats.get("kv_pruning")
-
-    def _patch(self, owner, name: str, function) -> None:
-        owner.__dict__[name] = function  # instance attribute: shadows the method, bypasses nn.Module.__setattr__
-        self._patched.append((owner, name))
 
 
 # ---- what to draw ----------------------------------------------------------------------------------------------

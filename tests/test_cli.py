@@ -96,7 +96,7 @@ def test_recorder_maps_dycoke_active_set_to_frames(tiny_checkpoint, sample_video
     """The heatmap's data: per decoding step, the active video tokens of each frame add up to DyCoke's count."""
     from llava.model.builder import load_pretrained_model
     from llava.video import load_video
-    from llava.visualize import CompressionRecorder, active_fraction_per_frame, kept_mask, write_visualization
+    from llava.visualize import active_fraction_per_frame, kept_mask, write_visualization
     from llava.compression.layout import video_token_layout
     from llava.compression.ttm import TemporalTokenMerging
 
@@ -107,7 +107,7 @@ def test_recorder_maps_dycoke_active_set_to_frames(tiny_checkpoint, sample_video
     pixels = processor.preprocess(frames, return_tensors="pt")["pixel_values"]
     ids = cli.prompt_ids(tokenizer, "What moves?", "qwen_1_5")
     model.configure_compression(compressor="dycoke", dycoke_k=0.7, dycoke_l=2, dycoke_p=0.5)
-    with CompressionRecorder(model) as trace:
+    with model.compression_trace() as trace:
         model.generate(ids, images=[pixels], modalities=["video"], max_new_tokens=5, do_sample=False,
                        pad_token_id=tokenizer.pad_token_id)
     assert trace.compressor == "dycoke" and trace.selection_recorded
@@ -115,7 +115,7 @@ def test_recorder_maps_dycoke_active_set_to_frames(tiny_checkpoint, sample_video
     # The recorded choice is TTM's choice on the recorded features.
     recomputed = TemporalTokenMerging(0.7).select(trace.pooled)
     assert torch.equal(recomputed.index, trace.selection.index)
-    assert "_record_video_compression" not in model.__dict__  # hooks removed after the block
+    assert "_trace" not in model.__dict__ and not model.__dict__["_kv_pruning"].record_active  # tracing ends with the block
 
     stats = trace.kv_stats
     steps = stats["decode_steps"]

@@ -61,6 +61,8 @@ class DyCokeKVPruning:
         self._active_image_tokens: list[int] = []
         self._recomputed: list[torch.Tensor] = []  # (B,) bool per decoding step, kept on device
         self._similarity: list[torch.Tensor] = []  # (B,) float per decoding step, kept on device
+        self.record_active = False  # when True, keep each step's active set (for tracing / pictures)
+        self._active_history: list[torch.Tensor] = []  # (B, K_max) active cache positions per decoding step
 
     def __repr__(self) -> str:
         return f"DyCokeKVPruning(layer={self.layer}, ratio={self.ratio}, threshold={self.threshold})"
@@ -82,7 +84,7 @@ class DyCokeKVPruning:
         self._active_image_tokens = layout.keep_counts if self.ratio > 0 else list(layout.image_counts)
         self._pending = layout if self.ratio > 0 and any(layout.image_counts) else None
         self._sequence = None
-        self._recomputed, self._similarity = [], []
+        self._recomputed, self._similarity, self._active_history = [], [], []
 
     @property
     def stats(self) -> dict:
@@ -104,6 +106,12 @@ class DyCokeKVPruning:
             "recompute_steps": [[step for step, hit in enumerate(row) if hit] for row in flags],
             "similarity": similarity,
         }
+
+    def active_positions(self, row: int = 0) -> list[torch.Tensor]:
+        """Cache positions of ``row``'s active image tokens at each decoding step (recorded while
+        ``record_active`` is True), most attended first; tensors stay on the model's device."""
+        keep = self._active_image_tokens[row] if row < len(self._active_image_tokens) else 0
+        return [step[row, :keep] for step in self._active_history]
 
     # ---- called by the installed layers -------------------------------------------------------------------
 
@@ -154,6 +162,8 @@ class DyCokeKVPruning:
         sequence.plan_step(keys, key_valid, recomputed)
         self._recomputed.append(recompute)
         self._similarity.append(similarity.float())
+        if self.record_active:
+            self._active_history.append(sequence.active)  # a new tensor only when the set changed: no copy
 
 
 @dataclass

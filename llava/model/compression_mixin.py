@@ -14,15 +14,33 @@ from __future__ import annotations
 
 import logging
 import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
 
+from llava.compression.base import TokenSelection
 from llava.compression.dycoke_kv import DyCokeKVPruning, install_dycoke_kv_pruning, remove_dycoke_kv_pruning
 from llava.compression.settings import CompressionSettings, settings_from_kwargs
 from llava.compression.ttm import TemporalTokenMerging
 from llava.compression.vidcom2 import VidCom2
 
 logger = logging.getLogger("llava.compression")
+
+
+@dataclass
+class CompressionTrace:
+    """What one ``generate`` call did to its first video (filled inside ``model.compression_trace()``)."""
+
+    compressor: str
+    pooled: torch.Tensor | None = None  # (F, N, D) pooled features the compressor saw
+    selection: TokenSelection | None = None  # the compressor's choice (None: everything kept)
+    selection_recorded: bool = False  # True once the architecture reported the video
+    video_positions: torch.Tensor | None = None  # (V,) prompt (= KV cache) positions of the video tokens, row 0
+    active_positions: list[torch.Tensor] = field(default_factory=list)  # per decoding step: (K,) positions, row 0
+    kv_stats: dict | None = None  # last_compression_stats["kv_pruning"] after the call
+    kv_settings: dict = field(default_factory=dict)  # layer L, ratio p, threshold of the KV pruning
+    video_token_mask: torch.Tensor | None = None  # (S,) row 0 of the spliced prompt's video-token mask
 
 
 class CompressionMixin:
@@ -61,10 +79,35 @@ class CompressionMixin:
             stats["kv_pruning"] = pruning.stats
         return stats
 
+    @contextmanager
+    def compression_trace(self):
+        """Record, for the ``generate`` calls inside the block, the first video's pooled features and
+        selection, its positions in the prompt and DyCoke's active set at every decoding step (no host
+        synchronisation while generating: tensors stay where they are until the block ends)."""
+        trace = CompressionTrace(self.compression.compressor)
+        pruning = self.__dict__.get("_kv_pruning")
+        if pruning is not None:
+            trace.kv_settings = {"layer": pruning.layer, "ratio": pruning.ratio, "threshold": pruning.threshold}
+            pruning.record_active = True
+        self.__dict__["_trace"] = trace
+        try:
+            yield trace
+        finally:
+            self.__dict__.pop("_trace", None)
+            if pruning is not None:
+                pruning.record_active = False
+                trace.active_positions = pruning.active_positions(0)
+            if trace.video_token_mask is not None:
+                trace.video_positions = trace.video_token_mask.nonzero().flatten()
+            trace.kv_stats = self.last_compression_stats.get("kv_pruning")
+
     # -- hooks called by the architecture ----------------------------------------------------------
 
     def _record_video_compression(self, pooled: torch.Tensor, selection) -> None:
         frames, per_frame = pooled.shape[:2]
+        trace = self.__dict__.get("_trace")
+        if trace is not None and not trace.selection_recorded:
+            trace.pooled, trace.selection, trace.selection_recorded = pooled.detach(), selection, True
         stats = self.__dict__.setdefault("_stats", _empty_stats(self.compression))
         stats["videos"] += 1
         stats["video_tokens_before"] += frames * per_frame
@@ -82,6 +125,9 @@ class CompressionMixin:
         pruning = self.__dict__.get("_kv_pruning")
         if pruning is not None:
             pruning.start(mm.video_token_mask)
+        trace = self.__dict__.get("_trace")
+        if trace is not None and trace.video_token_mask is None:
+            trace.video_token_mask = mm.video_token_mask[0].clone()
         start = self.compression.image_token_start_index
         if self.compression.dycoke and start is not None and bool(mm.video_token_mask.any()):
             first = _first_video_position(mm)
