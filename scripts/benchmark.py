@@ -1,11 +1,13 @@
 """Benchmark baseline vs DyCoke vs VidCom2 on the same video, in one process.
 
-    python scripts/benchmark.py                                   # --config cpu-small (CPU, ~2-3 min)
-    python scripts/benchmark.py --config ov-7b --attn eager       # CUDA: real LLaVA-OV-7B sizes, random bf16 weights
-    python scripts/benchmark.py --config ov-0.5b --runs 5 --methods baseline,dycoke
+    python scripts/benchmark.py                                   # --config cpu-small, sdpa (CPU, 2-3 min)
+    python scripts/benchmark.py --attn sdpa eager                 # cpu-small with both backends (~10 min on 2 cores)
+    python scripts/benchmark.py --config ov-7b                    # CUDA: real LLaVA-OV-7B sizes, random bf16 weights
+    python scripts/benchmark.py --config ov-0.5b --runs 5 --methods baseline,dycoke,dycoke-ttm
 
-For every attention backend (``--attn``, default ``sdpa eager``) and method (``--methods``) it measures, as the
-median of ``--runs`` runs after ``--warmup`` warm-up runs:
+For every attention backend (``--attn``; default ``sdpa eager`` on CUDA configs, ``sdpa`` on CPU configs, where
+eager attention is several times slower than sdpa's fused kernel and would triple the run time) and method
+(``--methods``) it measures, as the median of ``--runs`` runs after ``--warmup`` warm-up runs:
 
 - vision ms: ``build_multimodal_inputs`` (tower, projector, pooling, compression, splicing into the prompt);
 - prefill ms: the LM forward over the spliced prompt embeddings (batch 1, logits for the last token only);
@@ -108,6 +110,7 @@ class BenchConfig:
     decode_steps: int = 32
     short_tokens: int = 16
     long_tokens: int = 128
+    attn: tuple[str, ...] = ATTENTION_BACKENDS
 
 
 def _real_spec(**sizes) -> TinySpec:
@@ -120,13 +123,14 @@ CONFIGS = {
     "cpu-tiny": BenchConfig(
         "the 'tiny' preset (hidden 64, 4 layers), 8 frames of 98px: 16 tokens per frame",
         TinySpec(), real_sizes=False, frames=8, runs=1, decode_steps=4, short_tokens=4, long_tokens=8,
+        attn=("sdpa",),
     ),
     "cpu-small": BenchConfig(
         "the 'small' preset (hidden 256, 8 layers, SigLIP 64-wide), 32 frames of 196px: 49 tokens per frame",
         TinySpec(hidden_size=256, intermediate_size=768, num_hidden_layers=8, num_attention_heads=8,
                  num_key_value_heads=2, vision_hidden_size=64, vision_intermediate_size=128,
                  vision_num_attention_heads=4, vision_published_layers=4, image_size=196),
-        real_sizes=False, runs=2, decode_steps=16,
+        real_sizes=False, runs=3, decode_steps=16, attn=("sdpa",),
     ),
     "ov-0.5b": BenchConfig(
         "LLaVA-OneVision-Qwen2-0.5B sizes (hidden 896, 24 layers, tied), SigLIP so400m, 32 frames: 196 tokens per frame",
@@ -156,7 +160,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         prog="benchmark.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--config", default="cpu-small", choices=sorted(CONFIGS))
-    parser.add_argument("--attn", nargs="+", default=list(ATTENTION_BACKENDS), choices=ATTENTION_BACKENDS)
+    parser.add_argument("--attn", nargs="+", choices=ATTENTION_BACKENDS,
+                        help="attention backends of the LM (default: sdpa eager on CUDA configs, sdpa on CPU configs)")
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                         help=f"comma-separated, from {', '.join(METHODS)} (default: %(default)s)")
     parser.add_argument("--runs", type=int, help="measured runs per method (default: the config's)")
@@ -191,7 +196,7 @@ def resolve_defaults(parser: argparse.ArgumentParser, args: argparse.Namespace) 
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown or not args.methods:
         parser.error(f"unknown method(s) {unknown or args.methods}; choose from {', '.join(METHODS)}")
-    args.attn = list(dict.fromkeys(args.attn))
+    args.attn = list(dict.fromkeys(args.attn or config.attn))
     args.device = args.device or ("cuda" if config.real_sizes else "cpu")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -290,6 +295,11 @@ def random_real_size_model(config: BenchConfig, attn: str, device: str, dtype: t
     with torch.device(device):
         model = LlavaQwenForCausalLM._from_config(llava_config, dtype=dtype, attn_implementation=attn)
     model.eval()
+    # The model's own init leaves image_newline uninitialised (torch.empty) when built this way; give it the
+    # random init every other weight has, so no garbage (inf / NaN) flows through the benchmark.
+    newline = model.get_model().image_newline
+    with torch.no_grad():
+        newline.normal_(std=llava_config.hidden_size**-0.5)
     model.generation_config.pad_token_id = QWEN_IDS["<|endoftext|>"]
     return model
 

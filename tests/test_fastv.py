@@ -248,21 +248,22 @@ def left_padded_batch(rows):
     )
 
 
-# Different image counts (so different kept counts), and equal image counts with different padding.
+# (seed, prompt, images, question) per row: different image counts (so different kept counts), and equal image
+# counts with different padding.
 BATCHES = {
-    "different_counts": [dict(seed=5, prompt=4, images=26, question=5), dict(seed=6, prompt=9, images=36, question=7)],
-    "same_counts": [dict(seed=7, prompt=4, images=30, question=5), dict(seed=8, prompt=9, images=30, question=7)],
+    "different_counts": [(5, 4, 26, 5), (6, 9, 36, 7)],
+    "same_counts": [(7, 4, 30, 5), (8, 9, 30, 7)],
 }
 
 
 @pytest.mark.parametrize("batch", sorted(BATCHES))
 def test_batch_with_left_padding_equals_rows_alone(model, batch):
-    rows = [video_prompt(**row) for row in BATCHES[batch]]
+    rows = [video_prompt(*row) for row in BATCHES[batch]]
     ids, attention_mask, prunable = left_padded_batch(rows)
     pruning = FastVPruning(LAYER, RATIO)
     tokens, logits = fastv_greedy(model, pruning, ids, prunable, attention_mask=attention_mask)
     batch_stats = pruning.stats
-    assert batch_stats["image_tokens"] == [row["images"] for row in BATCHES[batch]]
+    assert batch_stats["image_tokens"] == [row[2] for row in BATCHES[batch]]
     for row, (row_ids, row_prunable) in enumerate(rows):
         row_tokens, row_logits = fastv_greedy(model, pruning, row_ids, row_prunable)
         assert torch.equal(tokens[row : row + 1], row_tokens)
@@ -291,7 +292,7 @@ def test_backends_agree(model, backend):
     """sdpa (4D bool mask or None), eager (4D float mask) and a flash-attention-like backend (2D mask or None)."""
     other = with_backend(model, backend if backend == "eager" else _register_padding_mask_2d_backend())
     single = video_prompt(11)
-    rows = [video_prompt(**row) for row in BATCHES["different_counts"]]
+    rows = [video_prompt(*row) for row in BATCHES["different_counts"]]
     for ids, attention_mask, prunable in [(single[0], None, single[1]), left_padded_batch(rows)]:
         expected_pruning, pruning = FastVPruning(LAYER, RATIO), FastVPruning(LAYER, RATIO)
         tokens, logits = fastv_greedy(model, expected_pruning, ids, prunable, attention_mask=attention_mask)

@@ -49,13 +49,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, DynamicLayer
 from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
 
 from llava.compression.dycoke_kv import (
     DyCokeDecoderLayer,
     _describe,
-    _dynamic_cache_layer,
     _key_validity,
     _mean_head_attention,
     _rope,
@@ -204,7 +203,7 @@ class _Layout:
 
     @classmethod
     def from_mask(cls, mask: torch.Tensor, ratio: float) -> _Layout:
-        batch, length = mask.shape
+        length = mask.shape[1]
         image = mask.clone()
         image[:, -1] = False  # the last prompt token ranks the others: never dropped
         image_counts = image.sum(dim=1).tolist()  # once per generation
@@ -298,7 +297,7 @@ class _Sequence:
     def plan_decode(self, attention_mask, cache_length: int) -> None:
         """Key validity of layers >= K's compact cache [kept prefill slots | decoded tokens] at this step."""
         layout = self.layout
-        full_valid = _key_validity(attention_mask, layout.image.shape[0], cache_length)
+        full_valid = _validity(attention_mask, layout.image.shape[0], cache_length)
         if full_valid is None and self.valid is None:
             self.decode_valid = None
         else:
@@ -376,7 +375,7 @@ class FastVDecoderLayer(Qwen2DecoderLayer):
         last = self.input_layernorm(hidden_states[:, -1:])
         query = attention.q_proj(last).view(batch, 1, -1, attention.head_dim).transpose(1, 2)
         query = _rope(query, cos[:, -1:], sin[:, -1:])
-        key_valid = _key_validity(attention_mask, batch, length)
+        key_valid = _validity(attention_mask, batch, length)
         # Softmax probabilities over all keys averaged over heads, as the public code's mean(attn, dim=1)[-1].
         scores = _mean_head_attention(query, keys, key_valid, attention.scaling)
         sequence.plan_prefill(scores, key_valid, position_embeddings)
@@ -481,6 +480,23 @@ def remove_fastv(qwen2_model: torch.nn.Module) -> None:
 
 
 # ---- helpers ------------------------------------------------------------------------------------------------
+
+
+def _dynamic_cache_layer(cache: Cache, layer_idx: int) -> DynamicLayer:
+    layer = cache.layers[layer_idx] if layer_idx < len(cache.layers) else None
+    if not isinstance(layer, DynamicLayer) or layer.is_sliding:
+        raise NotImplementedError(
+            f"FastV needs a DynamicCache (full attention) to hold shorter caches in layers >= K; got a "
+            f"{type(layer).__name__} cache layer"
+        )
+    return layer
+
+
+def _validity(attention_mask, batch: int, key_length: int) -> torch.Tensor | None:
+    """(batch, key_length) bool: keys the last query may attend, from whatever mask the backend was given."""
+    if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
+        raise NotImplementedError(f"FastV does not support {type(attention_mask).__name__} attention masks (flex attention)")
+    return _key_validity(attention_mask, batch, key_length)
 
 
 def _gather_positions(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
