@@ -1,6 +1,6 @@
 """``llava-video``: ask a question about a video, with or without video-token compression.
 
-    llava-video [VIDEO] ["question"] [--model PATH_OR_HUB_ID] [--compressor dycoke|vidcom2|none]
+    llava-video [VIDEO] ["question"] [--model PATH_OR_HUB_ID] [--compressor dycoke|vidcom2|fastv|none]
                 [--frames 32] [--compare] [--visualize out.png]
 
 With no ``--model`` it runs the built-in small random-weight checkpoint (its answers are noise: it shows
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-COMPRESSORS = ("dycoke", "vidcom2", "none")
+COMPRESSORS = ("dycoke", "vidcom2", "fastv", "none")
 DEFAULT_QUESTION = "What happens in this video? Describe the moving object."
 
 

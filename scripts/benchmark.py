@@ -49,7 +49,7 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -71,8 +71,9 @@ METHODS = {
     # DyCoke's token merging alone (no KV pruning): isolates what the pruning does to a decode step.
     "dycoke-ttm": {"compressor": "dycoke", "dycoke_k": 0.7, "dycoke_l": 3, "dycoke_p": 0.0},
     "vidcom2": {"compressor": "vidcom2", "vidcom2_r": 0.25},
+    "fastv": {"compressor": "fastv", "fastv_k": 2, "fastv_r": 0.5},
 }
-DEFAULT_METHODS = ("baseline", "dycoke", "vidcom2")
+DEFAULT_METHODS = ("baseline", "dycoke", "vidcom2", "fastv")
 ATTENTION_BACKENDS = ("sdpa", "eager")
 DECODE_BATCH = 8
 
@@ -114,8 +115,8 @@ class BenchConfig:
 
 
 def _real_spec(**sizes) -> TinySpec:
-    so400m = dict(vision_hidden_size=1152, vision_intermediate_size=4304, vision_num_attention_heads=16,
-                  vision_published_layers=27, image_size=384, patch_size=14)
+    so400m = {"vision_hidden_size": 1152, "vision_intermediate_size": 4304, "vision_num_attention_heads": 16,
+              "vision_published_layers": 27, "image_size": 384, "patch_size": 14}
     return TinySpec(**so400m, **sizes, max_grid=6, initializer_range=0.02)
 
 
@@ -177,8 +178,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="JSON results (default: results/benchmark-<config>.json)")
     parser.add_argument("--figures-dir", default="figures", help="where the PNG figures go (default: figures)")
+    parser.add_argument("--from-json", metavar="JSON",
+                        help="measure nothing: print the tables and draw the figures of an earlier run's JSON")
     args = parser.parse_args(argv)
-    resolve_defaults(parser, args)
+    if not args.from_json:
+        resolve_defaults(parser, args)
     return args
 
 
@@ -222,7 +226,7 @@ class Bench:
     prompt_ids: torch.Tensor  # (1, L) with IMAGE_TOKEN_INDEX at the placeholder
     video: torch.Tensor  # (frames, 3, S, S)
     pad_token_id: int
-    facts: "ModelFacts"
+    facts: ModelFacts
 
 
 @dataclass(frozen=True)
@@ -318,7 +322,7 @@ def rendered_prompt(tokenizer) -> torch.Tensor:
 def synthetic_prompt(vocab_size: int, seed: int) -> torch.Tensor:
     """The qwen_1_5 prompt's layout in Qwen2 ids, with random in-vocabulary ids for the words."""
     generator = torch.Generator().manual_seed(seed)
-    words = lambda n: torch.randint(0, QWEN_IDS["<|endoftext|>"], (n,), generator=generator).tolist()  # noqa: E731
+    words = lambda n: torch.randint(0, QWEN_IDS["<|endoftext|>"], (n,), generator=generator).tolist()
     start, end, newline = QWEN_IDS["<|im_start|>"], QWEN_IDS["<|im_end|>"], QWEN_IDS["\n"]
     ids = (
         [start, QWEN_IDS["system"], newline] + words(6) + [end, newline]  # system\nYou are a helpful assistant.
@@ -412,7 +416,7 @@ def multimodal_inputs(bench: Bench):
 
 def repeated_rows(mm, batch: int):
     """The same prompt ``batch`` times."""
-    repeat = lambda t: t.expand(batch, *t.shape[1:]).contiguous()  # noqa: E731
+    repeat = lambda t: t.expand(batch, *t.shape[1:]).contiguous()
     return replace(
         mm,
         inputs_embeds=repeat(mm.inputs_embeds),
@@ -651,11 +655,11 @@ def _ratio(row: dict, reference: dict, key: str) -> float | None:
 # ---- output --------------------------------------------------------------------------------------------------
 
 
-def markdown_table(rows: dict, args) -> str:
+def markdown_table(rows: dict, short_tokens: int, long_tokens: int) -> str:
     header = ["method", "visual tokens", "vision ms", "prefill ms", "TTFT ms", "decode ms/step b1",
-              "decode ms/step b8", f"e2e {args.short_tokens} tok ms", f"e2e {args.long_tokens} tok ms",
-              "peak memory MiB", "prefill TFLOP/s", "decode GB/s", "TTFT x", f"e2e {args.short_tokens} x",
-              f"e2e {args.long_tokens} x", "memory x"]
+              "decode ms/step b8", f"e2e {short_tokens} tok ms", f"e2e {long_tokens} tok ms",
+              "peak memory MiB", "prefill TFLOP/s", "decode GB/s", "TTFT x", f"e2e {short_tokens} x",
+              f"e2e {long_tokens} x", "memory x"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for method, row in rows.items():
         cells = [method, str(row["visual_tokens"])]
@@ -778,11 +782,11 @@ def run_benchmark(args) -> dict:
     }
 
 
-def print_report(report: dict, args) -> None:
+def print_report(report: dict) -> None:
     for attn, rows in report["results"].items():
         print(f"\n### {report['config']}, attn={attn} ({report['device']}, {report['dtype']}, {report['frames']} frames, "
               f"median of {report['runs']} runs)\n")
-        print(markdown_table(rows, args))
+        print(markdown_table(rows, report["short_tokens"], report["long_tokens"]))
     print(f"\nPeak memory: {report['memory_metric']}.")
     print(f"Prefill TFLOP/s: {report['formulas']['prefill_tflops']}.")
     print(f"Decode GB/s (batch 1): {report['formulas']['decode_gbs']}.")
@@ -793,11 +797,17 @@ def print_report(report: dict, args) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.from_json:  # e.g. a CUDA run's JSON, drawn on a machine that has matplotlib
+        report = json.loads(Path(args.from_json).read_text())
+        report["figures"] = write_figures(report, Path(args.figures_dir))
+        print_report(report)
+        print("\nWrote " + ", ".join(report["figures"]))
+        return 0
     report = run_benchmark(args)
     report["targets"] = target_lines(args.config, report["results"])
     report["figures"] = write_figures(report, Path(args.figures_dir))
     write_json(report, Path(args.out))
-    print_report(report, args)
+    print_report(report)
     print(f"\nWrote {args.out}" + "".join(f", {p}" for p in report["figures"]))
     return 0
 

@@ -3,6 +3,8 @@
 - ``dycoke``: temporal token merging (TTM) on pooled video features before the LM, then dynamic KV-cache
   pruning at every decoding step (a decoder-layer subclass installed into the LM while it is on).
 - ``vidcom2``: VidCom2 frame-adaptive token selection before the LM.
+- ``fastv``: FastV, the baseline the DyCoke paper compares with: at layer K of the prefill, the video tokens
+  least attended by the last prompt token are dropped for all later layers and for decoding.
 - ``none``: the baseline.
 
 The arguments are attributes of the model, settable between ``generate`` calls (``model.dycoke_p = 0.5``),
@@ -21,6 +23,7 @@ import torch
 
 from llava.compression.base import TokenSelection
 from llava.compression.dycoke_kv import DyCokeKVPruning, install_dycoke_kv_pruning, remove_dycoke_kv_pruning
+from llava.compression.fastv import FastVPruning, install_fastv, remove_fastv
 from llava.compression.settings import CompressionSettings, settings_from_kwargs
 from llava.compression.ttm import TemporalTokenMerging
 from llava.compression.vidcom2 import VidCom2
@@ -50,15 +53,21 @@ class CompressionMixin:
         """Change compression arguments (``dycoke=True``, ``compressor="vidcom2"``, ``dycoke_p=0.5`` ...)."""
         current = self.__dict__.get("_compression") or CompressionSettings()
         settings = settings_from_kwargs(kwargs, current).validate(self.config.num_hidden_layers)
-        compressor = _build_video_compressor(settings)  # may refuse: nothing is changed before this point
+        compressor = _build_video_compressor(settings)
         self.__dict__["_compression"] = settings
         self.__dict__["_video_compressor"] = compressor
+        language_model = self.get_model()
+        # The decoder-layer pieces are exclusive: take both out, then install the one these settings use.
+        remove_dycoke_kv_pruning(language_model)
+        remove_fastv(language_model)
         pruning = DyCokeKVPruning(settings.dycoke_l, settings.dycoke_p) if settings.dycoke and settings.dycoke_p > 0 else None
+        fastv = FastVPruning(settings.fastv_k, settings.fastv_r) if settings.compressor == "fastv" and settings.fastv_r > 0 else None
+        if pruning is not None:
+            install_dycoke_kv_pruning(language_model, pruning)
+        if fastv is not None:
+            install_fastv(language_model, fastv)
         self.__dict__["_kv_pruning"] = pruning
-        if pruning is None:
-            remove_dycoke_kv_pruning(self.get_model())
-        else:
-            install_dycoke_kv_pruning(self.get_model(), pruning)
+        self.__dict__["_fastv"] = fastv
         self.__dict__["_stats"] = _empty_stats(settings)
         return settings
 
@@ -77,6 +86,9 @@ class CompressionMixin:
         pruning = self.__dict__.get("_kv_pruning")
         if pruning is not None:
             stats["kv_pruning"] = pruning.stats
+        fastv = self.__dict__.get("_fastv")
+        if fastv is not None:
+            stats["fastv"] = fastv.stats
         return stats
 
     @contextmanager
@@ -122,9 +134,9 @@ class CompressionMixin:
 
     def _begin_compression(self, mm) -> None:
         """Called by ``generate`` with the spliced prompt, before prefill."""
-        pruning = self.__dict__.get("_kv_pruning")
-        if pruning is not None:
-            pruning.start(mm.video_token_mask)
+        for decoder_side in (self.__dict__.get("_kv_pruning"), self.__dict__.get("_fastv")):
+            if decoder_side is not None:
+                decoder_side.start(mm.video_token_mask)
         trace = self.__dict__.get("_trace")
         if trace is not None and trace.video_token_mask is None:
             trace.video_token_mask = mm.video_token_mask[0].clone()
@@ -154,14 +166,13 @@ class CompressionMixin:
                 f"; KV pruning over {kv['decode_steps']} decoding steps: active image tokens {kv['active_image_tokens']} "
                 f"of {kv['image_tokens']} per row, active set recomputed {kv['recomputations']} times"
             )
+        fastv = stats.get("fastv")
+        if fastv:
+            line += f"; FastV kept {fastv['kept_image_tokens']} of {fastv['image_tokens']} video tokens per row from layer {self.compression.fastv_k}"
         logger.info(line)
 
 
 def _build_video_compressor(settings: CompressionSettings):
-    if settings.compressor == "fastv":
-        raise NotImplementedError(
-            "compressor='fastv' is accepted by the settings but not implemented yet; use 'dycoke', 'vidcom2' or 'none'."
-        )
     if settings.compressor == "dycoke" and settings.dycoke_k > 0:
         return TemporalTokenMerging(settings.dycoke_k)
     if settings.compressor == "vidcom2":

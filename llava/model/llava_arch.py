@@ -42,7 +42,10 @@ class LlavaMetaModel:
                 getattr(config, "mm_projector_type", "linear"), config.mm_hidden_size, config.hidden_size
             )
             if "unpad" in getattr(config, "mm_patch_merge_type", ""):
-                self.image_newline = nn.Parameter(torch.empty(config.hidden_size, dtype=self.dtype))
+                # Initialised here (as transformers' LlavaOnevision does): the base model's own post_init has
+                # already run, so transformers' weight initialisation would leave this parameter untouched.
+                std = config.hidden_size**-0.5
+                self.image_newline = nn.Parameter(torch.randn(config.hidden_size, dtype=self.dtype) * std)
 
     def get_vision_tower(self) -> SigLipVisionTower | None:
         return getattr(self, "vision_tower", None)

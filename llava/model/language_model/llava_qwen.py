@@ -64,12 +64,6 @@ class LlavaQwenForCausalLM(CompressionMixin, Qwen2ForCausalLM, LlavaMetaForCausa
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
-    @torch.no_grad()
-    def _init_weights(self, module):
-        super()._init_weights(module)
-        if isinstance(module, LlavaQwenModel) and getattr(module, "image_newline", None) is not None:
-            module.image_newline.normal_(std=module.config.hidden_size**-0.5)
-
     def get_model(self) -> LlavaQwenModel:
         return self.model
 
@@ -85,6 +79,7 @@ class LlavaQwenForCausalLM(CompressionMixin, Qwen2ForCausalLM, LlavaMetaForCausa
         images=None,
         image_sizes=None,
         modalities=("image",),
+        logits_to_keep=0,
         **kwargs,
     ):
         if inputs_embeds is None and images is not None:
@@ -102,6 +97,7 @@ class LlavaQwenForCausalLM(CompressionMixin, Qwen2ForCausalLM, LlavaMetaForCausa
             inputs_embeds=inputs_embeds,
             labels=labels,
             use_cache=use_cache,
+            logits_to_keep=logits_to_keep,  # named, so that generate computes only the last position's logits
             **kwargs,
         )
 

@@ -1,0 +1,79 @@
+"""VidCom2 and FastV inside the LLaVA model, and switching between compressors on one loaded model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
+
+from llava.compression.vidcom2 import VidCom2
+from tests.conftest import random_video
+from tests.test_conformance import prompt_ids
+
+GENERATE = dict(max_new_tokens=6, do_sample=False, eos_token_id=None)
+
+
+@pytest.fixture
+def model_and_tokenizer(loaded_tiny):
+    tokenizer, model, _, _ = loaded_tiny
+    model.configure_compression(compressor="none")
+    yield model, tokenizer
+    model.configure_compression(compressor="none", fastv_k=2, fastv_r=0.5, vidcom2_r=0.25)
+
+
+def run(model, tokenizer, video):
+    return model.generate(prompt_ids(tokenizer, "What is moving?"), images=[video], modalities=["video"], **GENERATE)
+
+
+def test_vidcom2_keeps_its_budget_in_the_model(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    video = random_video(8, model.get_vision_tower().image_size, seed=30)
+    model.configure_compression(compressor="vidcom2", vidcom2_r=0.25)
+    run(model, tokenizer, video)
+    stats = model.last_compression_stats
+    # The same selection computed directly on the pooled features the model sees.
+    pooled = model.get_2dPool(model.encode_images(video))
+    assert stats["video_tokens_after"] == VidCom2(0.25).select(pooled).num_kept
+    assert stats["video_tokens_after"] < stats["video_tokens_before"] == pooled.shape[0] * pooled.shape[1]
+
+
+def test_fastv_prunes_in_prefill_and_reports_it(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    video = random_video(8, model.get_vision_tower().image_size, seed=31)
+    baseline = run(model, tokenizer, video)
+    model.configure_compression(compressor="fastv", fastv_k=2, fastv_r=0.5)
+    pruned = run(model, tokenizer, video)
+    fastv = model.last_compression_stats["fastv"]
+    images = model.last_compression_stats["video_tokens_before"]
+    assert fastv["image_tokens"] == [images]
+    assert fastv["kept_image_tokens"] == [round(images * (1 - 0.5))]  # FastV's public code rounds
+    assert fastv["compact_tokens"] == fastv["prefill_tokens"] - (images - fastv["kept_image_tokens"][0])
+    assert pruned.shape == baseline.shape
+
+
+def test_fastv_ratio_zero_is_the_baseline(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    video = random_video(6, model.get_vision_tower().image_size, seed=32)
+    baseline = run(model, tokenizer, video)
+    model.configure_compression(compressor="fastv", fastv_r=0.0)
+    assert torch.equal(run(model, tokenizer, video), baseline)
+
+
+def test_switching_compressors_swaps_the_decoder_layers(model_and_tokenizer):
+    model, _ = model_and_tokenizer
+    layers = model.get_model().layers
+    kinds = lambda: {type(layer).__name__ for layer in layers}  # noqa: E731
+    model.configure_compression(compressor="fastv", fastv_k=2)
+    assert "FastVDecoderLayer" in kinds()
+    model.configure_compression(compressor="dycoke", dycoke_l=2)
+    assert "DyCokeDecoderLayer" in kinds() and "FastVDecoderLayer" not in kinds()
+    model.configure_compression(compressor="vidcom2")
+    assert all(type(layer) is Qwen2DecoderLayer for layer in layers)
+
+
+@pytest.mark.parametrize("name,value,allowed", [("fastv_k", 0, r"\[1, 3\]"), ("fastv_r", 1.0, r"\[0, 1\)"),
+                                                ("vidcom2_r", 0.0, r"\(0, 1\]")])
+def test_invalid_method_arguments(model_and_tokenizer, name, value, allowed):
+    model, _ = model_and_tokenizer
+    with pytest.raises(ValueError, match=f"{name}.*{allowed}"):
+        model.configure_compression(**{name: value})
