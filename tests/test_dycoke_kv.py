@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 from transformers import Qwen2Config, Qwen2ForCausalLM
 from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
 
+from llava.compression import dycoke_kv
 from llava.compression.dycoke_kv import (
     DyCokeDecoderLayer,
     DyCokeKVPruning,
@@ -17,6 +20,15 @@ from llava.compression.dycoke_kv import (
 
 LAYER, RATIO = 2, 0.7
 VOCAB = 300
+# Steps that keep the active set attend over the compact copy or over the full cache with a mask, by size
+# (DyCokeKVPruning.compact_min_bytes); the tiny model is far below the default, so both are forced here.
+PATHS = {"masked": math.inf, "compact": 0}
+
+
+def make_pruning(path: str = "masked", threshold: float = 0.9) -> DyCokeKVPruning:
+    pruning = DyCokeKVPruning(LAYER, RATIO, threshold=threshold)
+    pruning.compact_min_bytes = PATHS[path]
+    return pruning
 
 
 def tiny_model(attn_implementation: str = "sdpa", seed: int = 0) -> Qwen2ForCausalLM:
@@ -129,13 +141,24 @@ class MaskedReference:
             handle.remove()
 
 
-def test_matches_masked_reference_including_changes_and_reuses_of_the_active_set(model):
+def reference_greedy(model, ids, prunable, steps, threshold=0.9):
+    """Greedy generate of the masked reference (an eager copy of ``model``), and the reference's record."""
     eager = with_backend(model, "eager")
+    reference = MaskedReference(eager, prunable, LAYER, RATIO, threshold)
+    try:
+        tokens, logits = greedy(eager, ids, steps)
+    finally:
+        reference.remove()
+    return tokens, logits, reference
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_matches_masked_reference_including_changes_and_reuses_of_the_active_set(model, path):
     steps = 12
     # Find an input whose run both recomputes after the first step and reuses the active set.
     for seed in range(20):
         ids, prunable = video_prompt(seed)
-        pruning = DyCokeKVPruning(LAYER, RATIO)
+        pruning = make_pruning(path)
         tokens, logits = pruned_greedy(model, pruning, ids, prunable, steps)
         stats = pruning.stats
         if 2 <= stats["recomputations"][0] < stats["decode_steps"]:
@@ -143,11 +166,7 @@ def test_matches_masked_reference_including_changes_and_reuses_of_the_active_set
     assert 2 <= stats["recomputations"][0] < stats["decode_steps"] == steps - 1
     assert stats["image_tokens"] == [48] and stats["active_image_tokens"] == [int(48 * (1 - RATIO))]
 
-    reference = MaskedReference(eager, prunable, LAYER, RATIO)
-    try:
-        ref_tokens, ref_logits = greedy(eager, ids, steps)
-    finally:
-        reference.remove()
+    ref_tokens, ref_logits, reference = reference_greedy(model, ids, prunable, steps)
     assert reference.recompute_steps == stats["recompute_steps"][0]
     assert reference.changed_steps, "the active set never changed after the first step"
     assert torch.equal(tokens, ref_tokens)
@@ -158,6 +177,59 @@ def test_matches_masked_reference_including_changes_and_reuses_of_the_active_set
     assert (full_logits[:, 1:] - logits[:, 1:]).abs().max() > 1e-3
     # Prefill is exact.
     torch.testing.assert_close(logits[:, 0], full_logits[:, 0], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("threshold", [2.0, -1.0], ids=["set-changes-every-step", "set-never-changes"])
+def test_matches_masked_reference_when_the_set_always_or_never_changes(model, path, threshold):
+    """threshold 2: every step recomputes (what random weights mostly do); -1: only the first step does."""
+    steps = 10
+    ids, prunable = video_prompt(12)
+    pruning = make_pruning(path, threshold)
+    tokens, logits = pruned_greedy(model, pruning, ids, prunable, steps)
+    ref_tokens, ref_logits, reference = reference_greedy(model, ids, prunable, steps, threshold)
+    expected_steps = list(range(steps - 1)) if threshold > 1 else [0]
+    assert pruning.stats["recompute_steps"] == [expected_steps] and reference.recompute_steps == expected_steps
+    if threshold > 1:
+        assert reference.changed_steps, "the active set never changed"
+    assert torch.equal(tokens, ref_tokens)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=0)
+
+
+def test_compact_copy_and_mask_buffers_grow(model, monkeypatch):
+    monkeypatch.setattr(dycoke_kv, "_COMPACT_GROWTH", 2)
+    ids, prunable = video_prompt(13)
+    for threshold in (0.9, -1.0):
+        for path in PATHS:
+            pruning = make_pruning(path, threshold)
+            tokens, logits = pruned_greedy(model, pruning, ids, prunable, 9)
+            ref_tokens, ref_logits, reference = reference_greedy(model, ids, prunable, 9, threshold)
+            assert pruning.stats["recompute_steps"][0] == reference.recompute_steps
+            assert torch.equal(tokens, ref_tokens)
+            torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=0)
+
+
+def test_steps_that_change_the_set_copy_nothing_and_the_decision_reuses_the_layer_query(model):
+    """On the full-cache path no compact copy is made; the compact copy exists only for steps keeping the set;
+    layer L-1 projects its query once per forward (the decision reuses it)."""
+    ids, prunable = video_prompt(14)
+    decision_layer = model.model.layers[LAYER - 1]
+    calls = []
+    handle = decision_layer.self_attn.q_proj.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        for threshold, compact_layers in ((2.0, []), (-1.0, [LAYER, LAYER + 1])):
+            calls.clear()
+            pruning = make_pruning("compact", threshold)
+            install_dycoke_kv_pruning(model.model, pruning)
+            try:
+                pruning.start(prunable)
+                greedy(model, ids, 6)
+                assert sorted(pruning._sequence.compact) == compact_layers
+            finally:
+                remove_dycoke_kv_pruning(model.model)
+            assert len(calls) == 6  # the prefill and 5 decoding steps
+    finally:
+        handle.remove()
 
 
 def test_ratio_zero_and_removal_leave_the_model_unmodified(model):
@@ -234,9 +306,10 @@ def two_rows():
     return rows, (ids, attention_mask, prunable)
 
 
-def test_batch_with_left_padding_equals_rows_alone(model):
+@pytest.mark.parametrize("path", PATHS)
+def test_batch_with_left_padding_equals_rows_alone(model, path):
     rows, (ids, attention_mask, prunable) = two_rows()
-    pruning = DyCokeKVPruning(LAYER, RATIO)
+    pruning = make_pruning(path)
     tokens, logits = pruned_greedy(model, pruning, ids, prunable, 10, attention_mask)
     batch_stats = pruning.stats
     for row, (row_ids, row_prunable) in enumerate(rows):
@@ -247,7 +320,25 @@ def test_batch_with_left_padding_equals_rows_alone(model):
     assert batch_stats["image_tokens"] == [26, 36]
 
 
-def test_rows_without_images_are_unaffected(model):
+@pytest.mark.parametrize("path", PATHS)
+def test_uneven_rows_without_padding_equal_rows_alone(model, path):
+    """Rows of one length with different image counts: no padding, but unused slots in the padded layout."""
+    rows = [video_prompt(15, prompt=4, images=26, question=5), video_prompt(16, prompt=9, images=16, question=10)]
+    ids = torch.cat([row_ids for row_ids, _ in rows])
+    prunable = torch.cat([row_prunable for _, row_prunable in rows])
+    pruning = make_pruning(path)
+    tokens, logits = pruned_greedy(model, pruning, ids, prunable, 10)
+    batch_stats = pruning.stats
+    assert batch_stats["image_tokens"] == [26, 16]
+    for row, (row_ids, row_prunable) in enumerate(rows):
+        row_tokens, row_logits = pruned_greedy(model, pruning, row_ids, row_prunable, 10)
+        assert torch.equal(tokens[row : row + 1], row_tokens)
+        torch.testing.assert_close(logits[row : row + 1], row_logits, atol=1e-5, rtol=0)
+        assert batch_stats["recompute_steps"][row] == pruning.stats["recompute_steps"][0]
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_rows_without_images_are_unaffected(model, path):
     text_ids, _ = video_prompt(7, images=0)
     video_ids, video_prunable = video_prompt(8, images=40)
     pad = video_ids.shape[1] - text_ids.shape[1]
@@ -255,7 +346,7 @@ def test_rows_without_images_are_unaffected(model):
     attention_mask = torch.cat([F.pad(torch.ones_like(text_ids), (pad, 0)), torch.ones_like(video_ids)])
     prunable = torch.cat([torch.zeros_like(video_prunable), video_prunable])
 
-    pruning = DyCokeKVPruning(LAYER, RATIO)
+    pruning = make_pruning(path)
     tokens, logits = pruned_greedy(model, pruning, ids, prunable, 8, attention_mask)
     text_tokens, text_logits = greedy(model, text_ids, 8)
     assert torch.equal(tokens[:1], text_tokens)
@@ -263,14 +354,15 @@ def test_rows_without_images_are_unaffected(model):
     assert pruning.stats["recomputations"][0] == 0
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("backend", ["eager", "padding_mask_2d"])
-def test_backends_give_the_same_pruned_tokens(model, backend):
+def test_backends_give_the_same_pruned_tokens(model, backend, path):
     """sdpa (4D bool mask or None), eager (4D float mask) and a flash-attention-like backend (2D mask or None)."""
     other = with_backend(model, backend if backend == "eager" else _register_padding_mask_2d_backend())
     single = video_prompt(9)
     _, (ids, attention_mask, prunable) = two_rows()
     for ids, attention_mask, prunable in [(single[0], None, single[1]), (ids, attention_mask, prunable)]:
-        expected_pruning, pruning = DyCokeKVPruning(LAYER, RATIO), DyCokeKVPruning(LAYER, RATIO)
+        expected_pruning, pruning = make_pruning(path), make_pruning(path)
         tokens, logits = pruned_greedy(model, expected_pruning, ids, prunable, 10, attention_mask)
         other_tokens, other_logits = pruned_greedy(other, pruning, ids, prunable, 10, attention_mask)
         assert torch.equal(tokens, other_tokens)
@@ -358,3 +450,40 @@ def test_install_switches_only_layers_from_the_decision_layer(model):
         assert all(type(layer) is DyCokeDecoderLayer for layer in model.model.layers)
     finally:
         remove_dycoke_kv_pruning(model.model)
+
+
+def test_shared_single_query_attention_helpers():
+    from llava.compression._attention import (
+        additive_key_mask,
+        key_validity,
+        mean_head_attention,
+        single_query_attention,
+        single_query_attention_with_weights,
+    )
+
+    generator = torch.Generator().manual_seed(0)
+    batch, heads, key_heads, length, head_dim, scaling = 2, 6, 2, 9, 8, 0.3
+    query = torch.randn(batch, heads, 1, head_dim, generator=generator)
+    keys, values = (torch.randn(batch, key_heads, length, head_dim, generator=generator) for _ in "kv")
+    valid = torch.rand(batch, length, generator=generator) > 0.3
+    valid[:, -1] = True
+    # Eager attention with repeated key/value heads (head h uses key/value head h // groups).
+    repeated_keys, repeated_values = (t.repeat_interleave(heads // key_heads, dim=1) for t in (keys, values))
+    scores = (query @ repeated_keys.transpose(2, 3) * scaling).masked_fill(~valid[:, None, None, :], float("-inf"))
+    probabilities = scores.softmax(dim=-1)
+    expected = (probabilities @ repeated_values).transpose(1, 2).reshape(batch, 1, heads * head_dim)
+
+    for mask in (valid, additive_key_mask(valid, torch.float32)):
+        torch.testing.assert_close(single_query_attention(query, keys, values, mask, scaling), expected)
+    attended, mean = single_query_attention_with_weights(query, keys, values, valid, scaling)
+    torch.testing.assert_close(attended, expected)
+    torch.testing.assert_close(mean, probabilities[:, :, 0].mean(dim=1))
+    torch.testing.assert_close(mean, mean_head_attention(query, keys, valid, scaling))
+
+    # Key validity from each backend's mask format.
+    additive = torch.zeros(batch, 1, 1, length).masked_fill(~valid[:, None, None, :], torch.finfo(torch.float32).min)
+    for backend_mask in (valid[:, None, None, :], additive, valid.long()):
+        assert torch.equal(key_validity(backend_mask, batch, length), valid)
+    assert key_validity(None, batch, length) is None
+    with pytest.raises(NotImplementedError, match="attention masks .* are not supported"):
+        key_validity(object(), batch, length)

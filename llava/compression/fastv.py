@@ -39,6 +39,10 @@ is prefill position ``stats["compact_positions"][r][j]`` (invalid slots, at the 
 tokens, hold garbage). The last slot is always the last prompt token, so ``logits[:, -1]`` (what ``generate``
 reads, with or without ``logits_to_keep``) is exact. Decoding forwards return (batch, 1, ...) as usual. ``labels``
 / a loss over the prefill would not line up with the compact logits: FastV is an inference method.
+
+Limits: ``generate`` must keep its cache (``use_cache=True``, the default; without a cache only the first forward
+would be pruned), a ``DynamicCache`` (full attention), one token per decoding forward (no assisted / speculative
+decoding, no chunked prefill), no beam search. Layers >= K record no attention weights (``output_attentions``).
 """
 
 from __future__ import annotations
@@ -52,16 +56,16 @@ import torch.nn.functional as F
 from transformers.cache_utils import Cache, DynamicLayer
 from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
 
-from llava.compression.dycoke_kv import (
-    DyCokeDecoderLayer,
-    _describe,
-    _key_validity,
-    _mean_head_attention,
-    _rope,
-    _single_query_attention,
-    _slots_below,
-    _switch_class,
+from llava.compression._attention import (
+    describe,
+    key_validity,
+    mean_head_attention,
+    rope,
+    single_query_attention,
+    slots_below,
+    switch_class,
 )
+from llava.compression.dycoke_kv import DyCokeDecoderLayer
 
 __all__ = ["FastVDecoderLayer", "FastVPruning", "install_fastv", "remove_fastv"]
 
@@ -106,7 +110,7 @@ class FastVPruning:
         0, or a ratio too small to drop any token leaves the next generation unmodified.
         """
         if not isinstance(prunable_mask, torch.Tensor) or prunable_mask.dtype != torch.bool:
-            raise TypeError(f"prunable_mask must be a torch.bool tensor, got {_describe(prunable_mask)}")
+            raise TypeError(f"prunable_mask must be a torch.bool tensor, got {describe(prunable_mask)}")
         if prunable_mask.ndim != 2 or prunable_mask.shape[1] < 1:
             raise ValueError(
                 f"prunable_mask must have shape (batch, prefill_length), got {tuple(prunable_mask.shape)}"
@@ -196,6 +200,7 @@ class _Layout:
     width: int  # compact length W
     image_counts: list[int]
     keep_counts: list[int]
+    uniform_rows: bool  # every row keeps the same number of tokens: no invalid compact slot
     image: torch.Tensor  # (B, S) prunable positions (the last position excluded)
     keep_slot: torch.Tensor  # (B, max keep) which of the topk slots each row keeps
     slot_valid: torch.Tensor  # (B, W) compact slots holding a kept token (right-aligned)
@@ -212,28 +217,22 @@ class _Layout:
         row_lengths = [length - count + keep for count, keep in zip(image_counts, keep_counts)]
         width = max(row_lengths)
         device = mask.device
+        offset = torch.tensor([width - row for row in row_lengths], device=device)
         return cls(
             length=length,
             width=width,
             image_counts=image_counts,
             keep_counts=keep_counts,
+            uniform_rows=len(set(row_lengths)) == 1,
             image=image,
-            keep_slot=_slots_below(torch.tensor(keep_counts, device=device), max(keep_counts)),
-            slot_valid=torch.arange(width, device=device)
-            >= torch.tensor([width - row for row in row_lengths], device=device)[:, None],
-            offset=torch.tensor([width - row for row in row_lengths], device=device),
+            keep_slot=slots_below(torch.tensor(keep_counts, device=device), max(keep_counts)),
+            slot_valid=torch.arange(width, device=device) >= offset[:, None],
+            offset=offset,
         )
 
     @property
     def drops_any(self) -> bool:
         return any(keep < count for count, keep in zip(self.image_counts, self.keep_counts))
-
-    @property
-    def uniform_rows(self) -> bool:
-        """Every row keeps the same number of tokens: no invalid compact slot."""
-        return self.width * len(self.image_counts) == sum(
-            self.length - count + keep for count, keep in zip(self.image_counts, self.keep_counts)
-        )
 
     def bound_to(self, batch: int, length: int, device: torch.device) -> _Layout:
         """This layout on the model's device, after checking it describes the prefill (batch, length)."""
@@ -371,21 +370,21 @@ class FastVDecoderLayer(Qwen2DecoderLayer):
         else:
             normed = self.input_layernorm(hidden_states)
             keys = attention.k_proj(normed).view(batch, length, -1, attention.head_dim).transpose(1, 2)
-            keys = _rope(keys, cos, sin)
+            keys = rope(keys, cos, sin)
         last = self.input_layernorm(hidden_states[:, -1:])
         query = attention.q_proj(last).view(batch, 1, -1, attention.head_dim).transpose(1, 2)
-        query = _rope(query, cos[:, -1:], sin[:, -1:])
+        query = rope(query, cos[:, -1:], sin[:, -1:])
         key_valid = _validity(attention_mask, batch, length)
         # Softmax probabilities over all keys averaged over heads, as the public code's mean(attn, dim=1)[-1].
-        scores = _mean_head_attention(query, keys, key_valid, attention.scaling)
+        scores = mean_head_attention(query, keys, key_valid, attention.scaling)
         sequence.plan_prefill(scores, key_valid, position_embeddings)
 
     def _projections(self, hidden_states, cos, sin):
         attention = self.self_attn
         normed = self.input_layernorm(hidden_states)
         head_shape = (*hidden_states.shape[:2], -1, attention.head_dim)
-        query = _rope(attention.q_proj(normed).view(head_shape).transpose(1, 2), cos, sin)
-        key = _rope(attention.k_proj(normed).view(head_shape).transpose(1, 2), cos, sin)
+        query = rope(attention.q_proj(normed).view(head_shape).transpose(1, 2), cos, sin)
+        key = rope(attention.k_proj(normed).view(head_shape).transpose(1, 2), cos, sin)
         value = attention.v_proj(normed).view(head_shape).transpose(1, 2)
         return query, key, value
 
@@ -433,7 +432,7 @@ class FastVDecoderLayer(Qwen2DecoderLayer):
                 f"(a {layout.width}-token compact prefill and {sequence.steps} decoded tokens)"
             )
         valid = None if sequence.decode_valid is None else sequence.decode_valid.to(hidden_states.device)
-        attended = _single_query_attention(query, keys, values, valid, attention.scaling)
+        attended = single_query_attention(query, keys, values, valid, attention.scaling)
         return self._finish(hidden_states, attended)
 
 
@@ -443,7 +442,7 @@ def install_fastv(qwen2_model: torch.nn.Module, pruning: FastVPruning) -> None:
     The layers are the same module objects afterwards (weights, hooks and device placement untouched).
     """
     if not isinstance(pruning, FastVPruning):
-        raise TypeError(f"pruning must be a FastVPruning, got {_describe(pruning)}")
+        raise TypeError(f"pruning must be a FastVPruning, got {describe(pruning)}")
     layers = getattr(qwen2_model, "layers", None)
     if layers is None or not hasattr(qwen2_model, "config"):
         raise TypeError(f"expected a Qwen2Model (with .layers and .config), got {type(qwen2_model).__name__}")
@@ -463,7 +462,7 @@ def install_fastv(qwen2_model: torch.nn.Module, pruning: FastVPruning) -> None:
 
     remove_fastv(qwen2_model)
     for layer in layers[pruning.layer - 1 :]:
-        _switch_class(layer, FastVDecoderLayer)
+        switch_class(layer, FastVDecoderLayer)
         layer.fastv = pruning
     qwen2_model.fastv_pruning = pruning
 
@@ -472,7 +471,7 @@ def remove_fastv(qwen2_model: torch.nn.Module) -> None:
     """Give every FastV layer of ``qwen2_model.layers`` back its plain ``Qwen2DecoderLayer`` class."""
     for layer in qwen2_model.layers:
         if isinstance(layer, FastVDecoderLayer):
-            _switch_class(layer, Qwen2DecoderLayer)
+            switch_class(layer, Qwen2DecoderLayer)
             del layer.fastv
     pruning = qwen2_model.__dict__.pop("fastv_pruning", None)
     if pruning is not None:
@@ -496,7 +495,7 @@ def _validity(attention_mask, batch: int, key_length: int) -> torch.Tensor | Non
     """(batch, key_length) bool: keys the last query may attend, from whatever mask the backend was given."""
     if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
         raise NotImplementedError(f"FastV does not support {type(attention_mask).__name__} attention masks (flex attention)")
-    return _key_validity(attention_mask, batch, key_length)
+    return key_validity(attention_mask, batch, key_length)
 
 
 def _gather_positions(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
