@@ -19,9 +19,9 @@ GENERATE = dict(max_new_tokens=8, do_sample=False, eos_token_id=None)
 @pytest.fixture
 def model_and_tokenizer(loaded_tiny):
     tokenizer, model, _, _ = loaded_tiny
-    model.configure_compression(compressor="none", dycoke_k=0.7, dycoke_l=3, dycoke_p=0.7)
+    model.reset_compression()
     yield model, tokenizer
-    model.configure_compression(compressor="none", dycoke_k=0.7, dycoke_l=3, dycoke_p=0.7)
+    model.reset_compression()
 
 
 def pooled_tokens_per_frame(model) -> int:
@@ -56,11 +56,21 @@ def test_k0_p0_is_the_baseline_token_for_token(model_and_tokenizer):
     assert "kv_pruning" not in model.last_compression_stats
 
 
-def test_dycoke_changes_the_computation_and_reports_it(model_and_tokenizer):
+def test_kv_pruning_leaves_the_prefill_exact_and_changes_decoding(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     video = random_video(8, model.get_vision_tower().image_size, seed=12)
-    model.configure_compression(dycoke=True, dycoke_k=0.0, dycoke_l=2, dycoke_p=0.7)
-    run(model, tokenizer, video)
+    ids = prompt_ids(tokenizer, "What is moving?")
+
+    def logits():
+        output = model.generate(ids, images=[video], modalities=["video"], output_logits=True,
+                                return_dict_in_generate=True, **GENERATE)
+        return torch.stack(output.logits, 1)
+
+    baseline = logits()
+    model.configure_compression(dycoke=True, dycoke_k=0.0, dycoke_l=2, dycoke_p=0.7)  # no merging: pruning only
+    pruned = logits()
+    assert torch.equal(pruned[:, 0], baseline[:, 0])  # the first token comes from the exact prefill
+    assert (pruned[:, 1:] - baseline[:, 1:]).abs().amax(dim=-1).min() > 1e-4  # every decoding step is pruned
     kv = model.last_compression_stats["kv_pruning"]
     images = 8 * pooled_tokens_per_frame(model)
     assert kv["image_tokens"] == [images]
@@ -145,8 +155,8 @@ def test_llava_video_grid_layout_keeps_row_newlines(tiny_video_checkpoint):
     side = model.get_vision_tower().num_patches_per_side // 2  # average pooling floors
     frames = 4
     video = random_video(frames, model.get_vision_tower().image_size, seed=19)
-    tokens, mask = model.encode_visual_items([video], ["video"], None)[0]
-    kept = model.last_compression_stats["video_tokens_after"]
+    tokens, mask, record = model.encode_visual_items([video], ["video"], None)[0]
+    kept = record.tokens_after
     assert int(mask.sum()) == kept < frames * side * side
     assert tokens.shape[0] == kept + frames * side  # every frame keeps its h row newlines
     newline = model.get_model().image_newline

@@ -129,9 +129,13 @@ def test_returns_token_selection_and_describe():
     assert ttm.describe() == {"name": "dycoke_ttm", "k": 0.7}
 
 
-@pytest.mark.parametrize("k", [-0.1, 1.0, 1.5, float("nan"), "0.5", True, None])
-def test_invalid_k(k):
-    with pytest.raises(ValueError, match=r"dycoke_k.*\[0\.0, 1\.0\)"):
+@pytest.mark.parametrize(
+    "k, why",
+    [(-0.1, r"out of range; allowed: \[0, 1\)"), (1.0, r"allowed: \[0, 1\)"), (1.5, r"allowed: \[0, 1\)"),
+     (float("nan"), "finite"), ("0.5", "not a string"), (True, "not a number"), (None, "not a number")],
+)
+def test_invalid_k(k, why):
+    with pytest.raises(ValueError, match=rf"dycoke_k=.*{why}"):
         TemporalTokenMerging(k)
 
 

@@ -123,9 +123,14 @@ def test_describe():
     assert VidCom2(0.3).describe() == {"name": "vidcom2", "r": 0.3}
 
 
-@pytest.mark.parametrize("r", [0, 0.0, -0.5, 1.01, math.inf, float("nan"), "0.25", True, None])
-def test_invalid_r(r):
-    with pytest.raises(ValueError, match=r"vidcom2_r.*\(0\.0, 1\.0\]"):
+@pytest.mark.parametrize(
+    "r, why",
+    [(0, r"allowed: \(0, 1\]"), (0.0, r"allowed: \(0, 1\]"), (-0.5, r"allowed: \(0, 1\]"), (1.01, r"allowed: \(0, 1\]"),
+     (math.inf, "finite"), (float("nan"), "finite"), ("0.25", "not a string"), (True, "not a number"),
+     (None, "not a number")],
+)
+def test_invalid_r(r, why):
+    with pytest.raises(ValueError, match=rf"vidcom2_r=.*{why}"):
         VidCom2(r)
 
 

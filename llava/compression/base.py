@@ -9,7 +9,6 @@ turns that into the sequence, newline tokens included.
 
 from __future__ import annotations
 
-import numbers
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
@@ -104,20 +103,6 @@ def check_video_features(features: torch.Tensor) -> tuple[int, int, int]:
     if not features.is_floating_point():
         raise ValueError(f"features must be a floating-point tensor, got {features.dtype}")
     return num_frames, tokens_per_frame, dim
-
-
-def check_ratio(name: str, value: Any, *, low: float, high: float, low_open: bool, high_open: bool) -> float:
-    """Return ``value`` as a float if it is a real number in the given interval, else raise ValueError."""
-    lo_b, hi_b = ("(" if low_open else "["), (")" if high_open else "]")
-    interval = f"{lo_b}{low}, {high}{hi_b}"
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be a real number in {interval}, got {value!r}")
-    value = float(value)
-    too_low = value <= low if low_open else value < low
-    too_high = value >= high if high_open else value > high
-    if too_low or too_high or value != value:  # value != value: NaN
-        raise ValueError(f"{name} must be in {interval}, got {value!r}")
-    return value
 
 
 def _describe(obj: Any) -> str:

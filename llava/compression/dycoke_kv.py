@@ -1,657 +1,361 @@
-"""DyCoke dynamic KV pruning for the decoding steps of a transformers 5 ``Qwen2Model``.
+"""DyCoke's dynamic KV-cache pruning at every decoding step (the second half of DyCoke, after TTM).
 
-At every decoding step the current query's attention at layer L-1 (softmax over the whole cache, averaged over
-heads, read at the image positions) gives a vector ``a``. On the first decoding step of a sequence, or when
-cos(a, a_prev) < threshold, the *active* image positions become the top int(n_img * (1 - ratio)) of ``a``;
-otherwise the previous active set stays. Layers >= L then attend to every non-image key plus the active image
-keys; layers < L attend to everything; prefill is exact. Pruned keys stay in the cache and can come back.
+The rule. At each decoding step, the current query's attention at layer L-1 (softmax over the whole cache,
+averaged over heads) read at the video-token positions gives a vector ``a``. At the first decoding step, or when
+cos(a, a_prev) < 0.9, the *active* video tokens become the top int(n * (1 - p)) of ``a``; otherwise the previous
+active set stays. Layers >= L attend to every non-video token (system prompt, question, newline, decoded tokens)
+plus the active video tokens; layers < L attend to everything; the prefill is exact. Pruned tokens stay in the
+cache and come back when a later step selects them. Every ``generate`` call starts fresh.
 
-How it runs: layers L-1.. of ``model.layers`` are switched in place to :class:`DyCokeDecoderLayer` (same module
-objects, same weights). At a pruned decoding step they compute their single-query attention themselves (torch's
-``scaled_dot_product_attention`` with the query heads grouped by key/value head), whatever backend the model uses,
-so the path never depends on a backend accepting an arbitrary mask:
+How it runs (per generation, in the cache's :class:`DyCokeKVState`):
 
-- layer L-1 attends over its whole cache with eager attention's arithmetic (float32 softmax), which yields the
-  probabilities of the decision along with the layer's output: no second query projection, no second pass over
-  the keys;
-- on a step that recomputes the active set, layers >= L attend over their whole cache with an additive key mask
-  hiding the inactive image tokens (one mask per step, shared by the layers): about the cost of an unpruned
-  step, and nothing is copied;
-- on a step that keeps the active set, layers >= L attend over a compact copy of their keys/values laid out
-  [non-image prefill | active image | decoded] (:class:`_CompactKV`), brought up to date lazily: built on the
-  first such step, its active part re-gathered only when the set changed since it was filled, the decoded tokens
-  it lacks copied from the cache. With a stable set (the common case with real models) that is a one-token append
-  per step, and the attention reads only the kept keys. When the keys/values this skips are small
-  (``DyCokeKVPruning.compact_min_bytes``, 1 MiB per layer by default) the bookkeeping costs more than it saves,
-  and those steps take the masked full-cache path instead (same result; no copy is ever made).
+- layer L-1, after its stock forward: one query projection of the layer's input and one pass over the layer's
+  cached keys give ``a`` (:func:`~llava.compression._attention.mean_head_attention`); the active set is updated on
+  the device with ``torch.where`` (no host read), and so is the list of tokens that entered it this step;
+- layers >= L attend over a compact copy of their keys/values laid out
+  [scratch | non-video prefill | active video | decoded tokens], with fixed shapes per generation. A step copies
+  into it only the tokens that entered the active set (none when the set is kept, the common case with real
+  models: then the attention reads only the kept keys), plus its own new token. The copies have a fixed count per
+  step (int(n * (1 - p))); slots with nothing to copy write the scratch slot from one cache row instead, so a kept
+  set costs a few cache-resident writes and no memory traffic. The full cache keeps only the prefill for these
+  layers: decoded tokens live in the compact copy, the only place layers >= L read them from.
 
-Per decoding step there is exactly one host read (whether any row recomputed its active set; none on the first
-step); there is none per layer.
+Fidelity switch, ``public_quirks=True`` (``dycoke_public_quirks``), reproducing the public code's decoding:
+its prunable span is one token shorter than the merged video tokens (``image_token_length = size - 1`` in its
+llava_arch.py), so it keeps int((M - 1) * (1 - p)) of them and always the last video token; and on a step whose
+attention is similar to the previous step's (cos >= 0.9) it attends to the full cache instead of the kept set.
+Those steps then run over the full cache with a mask hiding the inactive video tokens.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer
-from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
 
-from llava.compression._attention import (
-    additive_key_mask,
-    describe,
-    key_validity,
-    single_query_attention,
-    single_query_attention_with_weights,
-    slots_below,
-    switch_class,
+from llava.compression._attention import layer_query, mean_head_attention, slots_below
+from llava.compression.decoding import (
+    DECODE,
+    PREFILL,
+    DecodeCompressor,
+    DecodeState,
+    GenerationInputs,
+    LayerInputs,
+    mark_static,
 )
+from llava.compression.masks import BOOL, KeyMask, mask_kind
+from llava.compression.settings import check_setting
 
-__all__ = ["DyCokeDecoderLayer", "DyCokeKVPruning", "install_dycoke_kv_pruning", "remove_dycoke_kv_pruning"]
+__all__ = ["DyCokeKV", "DyCokeKVState", "without_last_video_token"]
 
-# Decoded tokens appended to a compact copy (or a mask buffer) between reallocations.
-_COMPACT_GROWTH = 256
 # F.cosine_similarity's default eps.
 _COSINE_EPS = 1e-8
-# See DyCokeKVPruning.compact_min_bytes.
-_COMPACT_MIN_BYTES = 1 << 20
+_SCRATCH = 0  # compact slot 0: where copies with nothing to copy go
 
 
-class DyCokeKVPruning:
-    """Configuration, per-generate state and statistics of DyCoke's dynamic KV pruning.
+class DyCokeKV(DecodeCompressor):
+    """DyCoke's KV pruning: decided at layer ``layer - 1`` (DyCoke's L), applied from layer ``layer`` on, keeping
+    int(n * (1 - ``ratio``)) of the n video tokens (``ratio`` is DyCoke's p)."""
 
-    ``layer`` is DyCoke's L (``dycoke_l``): the decision is taken from layer L-1's attention and layers >= L are
-    pruned. ``ratio`` is ``dycoke_p``, the fraction of image tokens hidden from layers >= L (0 disables pruning).
-    Call :meth:`start` with the image-token mask of the prefill before each generation.
-    """
+    name = "dycoke_kv"
 
-    def __init__(self, layer: int, ratio: float, threshold: float = 0.9):
-        if isinstance(layer, bool) or not isinstance(layer, int):
-            raise ValueError(f"DyCoke KV pruning layer must be an int (DyCoke's L, >= 1), got {layer!r}")
-        if layer < 1:
-            raise ValueError(f"DyCoke KV pruning layer must be >= 1 (the decision uses layer L-1), got {layer}")
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0:
-            raise ValueError(f"DyCoke KV pruning ratio must be a number in [0, 1), got {ratio!r}")
+    def __init__(self, layer: int = 3, ratio: float = 0.7, threshold: float = 0.9, public_quirks: bool = False):
+        self.layer = check_setting("dycoke_l", layer)
+        self.ratio = check_setting("dycoke_p", ratio)
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
             raise ValueError(f"DyCoke KV pruning threshold must be a finite number, got {threshold!r}")
-        self.layer = layer
-        self.ratio = float(ratio)
         self.threshold = float(threshold)
-        self._pending: _ImageLayout | None = None  # set by start(), bound to the next prefill
-        self._sequence: _SequenceState | None = None  # the sequence being decoded with pruning
-        self._image_tokens: list[int] = []
-        self._active_image_tokens: list[int] = []
-        self._recomputed: list[torch.Tensor] = []  # (B,) bool per decoding step, kept on device
-        self._similarity: list[torch.Tensor] = []  # (B,) float per decoding step, kept on device
-        self.record_active = False  # when True, keep each step's active set (for tracing / pictures)
-        # Steps that keep the active set attend over a compact copy of layers >= L's keys/values when that skips
-        # at least this many bytes of keys/values per layer, else over the full cache with a mask (the same
-        # result). Below it (short prompts, small models, batch 1) the copy's bookkeeping costs more than the
-        # attention it saves; 1 MiB is where the two break even on a CPU (scripts/bench_decode_step.py).
-        self.compact_min_bytes = _COMPACT_MIN_BYTES
-        self._active_history: list[torch.Tensor] = []  # (B, K_max) active cache positions per decoding step
+        self.public_quirks = check_setting("dycoke_public_quirks", public_quirks)
 
-    def __repr__(self) -> str:
-        return f"DyCokeKVPruning(layer={self.layer}, ratio={self.ratio}, threshold={self.threshold})"
+    def describe(self) -> dict:
+        return {"name": self.name, "layer": self.layer, "ratio": self.ratio, "threshold": self.threshold,
+                "public_quirks": self.public_quirks}
 
-    def start(self, prunable_mask: torch.Tensor) -> None:
-        """Arm pruning for the next generation and reset state and statistics.
+    def new_state(self, inputs: GenerationInputs) -> DyCokeKVState | None:
+        check_setting("dycoke_l", self.layer, inputs.num_layers)
+        if self.ratio == 0:
+            return None
+        prunable = without_last_video_token(inputs.prunable) if self.public_quirks else inputs.prunable
+        layout = _VideoLayout.from_mask(prunable, inputs.attention_mask, self.ratio)
+        if not any(layout.video_counts):
+            return None
+        return DyCokeKVState(self, inputs, layout)
 
-        ``prunable_mask`` is a (batch, prefill_length) bool tensor, True at the image-token positions of the
-        prefill in cache coordinates (padding already applied). The next prefill forward must have exactly that
-        shape. A mask without True (or ``ratio == 0``) leaves the next generation unmodified.
-        """
-        if not isinstance(prunable_mask, torch.Tensor) or prunable_mask.dtype != torch.bool:
-            raise TypeError(f"prunable_mask must be a torch.bool tensor, got {describe(prunable_mask)}")
-        if prunable_mask.ndim != 2:
-            raise ValueError(f"prunable_mask must have shape (batch, prefill_length), got {tuple(prunable_mask.shape)}")
-        # Everything is reset here (the public code keeps a_prev across generate calls: a leak, not kept).
-        layout = _ImageLayout.from_mask(prunable_mask, self.ratio)
-        self._image_tokens = layout.image_counts
-        self._active_image_tokens = layout.keep_counts if self.ratio > 0 else list(layout.image_counts)
-        self._pending = layout if self.ratio > 0 and any(layout.image_counts) else None
-        self._sequence = None
-        self._recomputed, self._similarity, self._active_history = [], [], []
+
+def without_last_video_token(prunable: torch.Tensor) -> torch.Tensor:
+    """The public code's prunable span: each row's video tokens but the last one."""
+    length = prunable.shape[1]
+    last = length - 1 - prunable.flip(1).to(torch.uint8).argmax(dim=1)  # each row's last True (any row: argmax 0)
+    shortened = prunable.clone()
+    shortened[torch.arange(prunable.shape[0], device=prunable.device), last] = False
+    return shortened
+
+
+@dataclass
+class _VideoLayout:
+    """Where each prefill row's video and other tokens are, padded to common widths (counts read once)."""
+
+    video_counts: list[int]
+    keep_counts: list[int]  # int(n * (1 - p)) per row, the public code's rounding
+    video_index: torch.Tensor  # (B, N) cache positions of the video tokens, valid where video_valid
+    video_valid: torch.Tensor  # (B, N)
+    other_index: torch.Tensor  # (B, O) cache positions of the other prefill tokens
+    other_valid: torch.Tensor  # (B, O) (padding is an 'other' token, hidden by the attention mask)
+    active_valid: torch.Tensor  # (B, K) which of the K active slots each row uses
+    has_video: torch.Tensor  # (B,)
+
+    @classmethod
+    def from_mask(cls, prunable: torch.Tensor, attention_mask: torch.Tensor, ratio: float) -> _VideoLayout:
+        length = prunable.shape[1]
+        video_counts = prunable.sum(dim=1).tolist()
+        keep_counts = [int(count * (1 - ratio)) for count in video_counts]
+        # A stable sort puts each row's video (or other) positions first, in order.
+        video_first = torch.sort(prunable.to(torch.uint8), dim=1, descending=True, stable=True).indices
+        other_first = torch.sort(prunable.to(torch.uint8), dim=1, stable=True).indices
+        counts = torch.tensor(video_counts, device=prunable.device)
+        other_width = length - min(video_counts)
+        other_index = other_first[:, :other_width]
+        return cls(
+            video_counts=video_counts,
+            keep_counts=keep_counts,
+            video_index=video_first[:, : max(video_counts)],
+            video_valid=slots_below(counts, max(video_counts)),
+            other_index=other_index,
+            other_valid=slots_below(length - counts, other_width) & attention_mask.gather(1, other_index),
+            active_valid=slots_below(torch.tensor(keep_counts, device=prunable.device), max(keep_counts)),
+            has_video=counts > 0,
+        )
 
     @property
-    def stats(self) -> dict:
-        """Statistics of the generation started by the last :meth:`start` (converted from device tensors here).
+    def uniform(self) -> bool:
+        return len(set(self.video_counts)) == 1
 
-        ``image_tokens`` and ``active_image_tokens`` are per row (the active count is the same at every pruned
-        decoding step); ``decode_steps`` counts the decoding steps run with pruning; ``recomputations`` is per
-        row (the first decoding step counts); ``recompute_steps`` lists, per row, the decoding steps at which the
-        active set was recomputed; ``similarity`` holds, per row, cos(a, a_prev) of every step (NaN at step 0).
-        """
-        rows = len(self._image_tokens)
-        flags = torch.stack(self._recomputed).T.tolist() if self._recomputed else [[] for _ in range(rows)]
-        similarity = torch.stack(self._similarity).T.tolist() if self._similarity else [[] for _ in range(rows)]
+
+class DyCokeKVState(DecodeState):
+    """DyCoke KV pruning of one generation (see the module docstring)."""
+
+    def __init__(self, method: DyCokeKV, inputs: GenerationInputs, layout: _VideoLayout):
+        super().__init__(inputs)
+        self.method, self.layout = method, layout
+        self.decision_layer, self.first_pruned = method.layer - 1, method.layer
+        self.compact = not method.public_quirks
+        batch, device = inputs.prunable.shape[0], inputs.prunable.device
+        capacity = inputs.decoded_capacity
+        self.keep = layout.active_valid.shape[1]
+        self.others = layout.other_index.shape[1]
+        # Per-step state, updated in place: fixed addresses and shapes for the whole generation.
+        self.step = torch.zeros(1, dtype=torch.long, device=device)  # decoding steps started
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)  # this step's index, from 0
+        self.previous_direction = torch.zeros(batch, layout.video_index.shape[1], device=device)  # a_prev / |a_prev|
+        self.active = torch.full((batch, self.keep + 1), -1, dtype=torch.long, device=device)  # last column: scratch
+        self.recomputed = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
+        self.similarity = torch.full((batch, capacity), float("nan"), device=device)
+        self.entered = torch.zeros(batch, capacity, dtype=torch.long, device=device)
+        self.history = torch.zeros(batch, capacity, self.keep, dtype=torch.long, device=device) if inputs.record else None
+        # The decision layer's key validity over the full cache [prefill | decoded].
+        self.key_valid = KeyMask(inputs.attention_mask, capacity, BOOL, torch.bool)
+        kind = mask_kind(inputs.attn_implementation)
+        if self.compact:
+            prefix = torch.cat([layout.other_valid, layout.active_valid], dim=1)
+            self.pruned_mask = KeyMask(prefix, capacity, kind, inputs.dtype)
+        else:  # public quirks: the full cache, inactive video tokens hidden on the steps that recompute the set
+            self.pruned_mask = KeyMask(inputs.attention_mask, capacity, kind, inputs.dtype)
+            self.pruned_mask.allow_changes()
+        self.copies: dict[int, tuple[torch.Tensor, ...]] = {}  # layer -> (compact keys, compact values, full k, full v)
+        self.src_rows = self.dst_rows = None  # (B * heads * K,) flat rows of this step's copies
+        self.decoded_slot = torch.zeros(1, dtype=torch.long, device=device)  # compact slot of this step's token
+        self.key_length = self.prefill_length  # full-cache key length at the current step (a Python int)
+        mark_static(self.step, self.slot, self.previous_direction, self.active, self.recomputed, self.similarity,
+                    self.entered, self.decoded_slot, self.key_valid.values, self.pruned_mask.values)
+
+    # ---- hooks ---------------------------------------------------------------------------------------------------
+
+    def begin_step(self, cache) -> None:
+        self.slot.copy_(self.step)
+        self.step.add_(1)
+        self.decoded_slot.copy_(self.slot + 1 + self.others + self.keep)
+        # The full cache's key length after this step's update: the static cache's fixed size, or the dynamic
+        # cache's current length plus this token (Python ints, read from shapes).
+        self.key_length = cache.layers[0].get_mask_sizes(1)[0]
+        decoded = self.key_length - self.prefill_length
+        if decoded > self.recomputed.shape[1]:  # a dynamic cache longer than planned (eager decoding only)
+            self._grow(decoded + 256)
+        self.key_valid.mark_decoded(self.slot)
+        self.pruned_mask.mark_decoded(self.slot)
+
+    def layer_inputs(self, layer_idx: int, inputs: LayerInputs, cache) -> LayerInputs:
+        if self.phase != DECODE or layer_idx < self.first_pruned:
+            return inputs
+        decoded = self.key_length - self.prefill_length
+        prefix = self.others + self.keep if self.compact else self.prefill_length
+        static = self.inputs.static_cache
+        return inputs._replace(attention_mask=self.pruned_mask.view(prefix + decoded, all_marked=not static))
+
+    def observe(self, decoder_layer, layer_idx: int, inputs: LayerInputs, cache) -> None:
+        if self.phase == DECODE and layer_idx == self.decision_layer:
+            self._decide(decoder_layer, inputs, cache)
+
+    def keeps_full_cache(self, layer_idx: int) -> bool:
+        return not (self.compact and self.phase == DECODE and layer_idx >= self.first_pruned)
+
+    def update_cache(self, layer_idx, key, value, keys, values):
+        if not self.compact or layer_idx < self.first_pruned:
+            return keys, values
+        if self.phase == PREFILL:
+            self._start_copy(layer_idx, keys, values)
+            return keys, values
+        compact_keys, compact_values, full_keys, full_values = self.copies[layer_idx]
+        head_dim = key.shape[-1]
+        for compact, full, new in ((compact_keys, full_keys, key), (compact_values, full_values, value)):
+            entering = full.reshape(-1, head_dim).index_select(0, self.src_rows)
+            compact.view(-1, head_dim).index_copy_(0, self.dst_rows, entering)
+            compact.index_copy_(2, self.decoded_slot, new)
+        length = self.others + self.keep + self.key_length - self.prefill_length
+        return compact_keys[:, :, 1 : 1 + length], compact_values[:, :, 1 : 1 + length]
+
+    # ---- the decision (layer L-1) --------------------------------------------------------------------------------
+
+    def _decide(self, decoder_layer, inputs: LayerInputs, cache) -> None:
+        layout = self.layout
+        query = layer_query(decoder_layer, inputs.hidden_states, *inputs.position_embeddings)
+        keys = cache.layers[self.decision_layer].keys
+        valid = self.key_valid.view(keys.shape[2], all_marked=True)
+        attention = mean_head_attention(query, keys, valid, decoder_layer.self_attn.scaling)
+        video_attention = attention.gather(1, layout.video_index)
+        if not layout.uniform:
+            video_attention = video_attention * layout.video_valid
+        # cos(a, a_prev) exactly as F.cosine_similarity computes it (a_prev / |a_prev| kept from the last step).
+        norm = torch.linalg.vector_norm(video_attention, dim=-1, keepdim=True).clamp_min(_COSINE_EPS)
+        direction = video_attention / norm
+        similarity = (direction * self.previous_direction).sum(dim=-1)
+        first = self.slot == 0
+        recompute = (first | (similarity < self.method.threshold)) & layout.has_video
+        # As in the public code, a_prev follows every step, not only the steps that recompute.
+        self.previous_direction.copy_(direction)
+        scores = video_attention if layout.uniform else video_attention.masked_fill(~layout.video_valid, -math.inf)
+        candidates = layout.video_index.gather(1, scores.topk(self.keep, dim=1).indices)  # most attended first
+        if self.compact:
+            entered = self._plan_copies(candidates, recompute)
+        else:
+            entered = self._hide_inactive(candidates, recompute)
+        self.recomputed.index_copy_(1, self.slot, recompute[:, None])
+        self.similarity.index_copy_(1, self.slot, torch.where(first, math.nan, similarity)[:, None])
+        self.entered.index_copy_(1, self.slot, entered[:, None])
+        if self.history is not None:
+            self.history.index_copy_(1, self.slot, self.active[:, None, : self.keep])
+
+    def _plan_copies(self, candidates: torch.Tensor, recompute: torch.Tensor) -> torch.Tensor:
+        """Update the active set to ``candidates`` in the rows that ``recompute``, keeping in its slot every token
+        that stays and giving the slots of the tokens that leave to those that enter; sets this step's copies
+        (``src_rows`` -> ``dst_rows``, scratch for unused copies). Returns how many tokens entered, per row."""
+        layout, keep = self.layout, self.keep
+        held = self.active[:, :keep]
+        none = self.prefill_length  # an extra map column for empty slots and unused candidates
+        held_index = torch.where(held >= 0, held, none)
+        candidate_index = torch.where(layout.active_valid, candidates, none)
+        held_map = _membership(held_index, none)
+        candidate_map = _membership(candidate_index, none)
+        update = layout.active_valid & recompute[:, None]
+        entering = update & ~held_map.gather(1, candidate_index)
+        leaving = update & ~candidate_map.gather(1, held_index)
+        # The i-th entering token takes the i-th leaving slot (both lists have the same length per row).
+        enter_order = torch.sort((~entering).to(torch.uint8), dim=1, stable=True).indices
+        leave_order = torch.sort((~leaving).to(torch.uint8), dim=1, stable=True).indices
+        count = entering.sum(dim=1)
+        used = torch.arange(keep, device=count.device) < count[:, None]
+        source = torch.where(used, candidates.gather(1, enter_order), 0)  # unused copies read position 0...
+        slot = torch.where(used, leave_order, keep)  # ... and land in the active set's scratch column
+        self.active.scatter_(1, slot, torch.where(used, source, -1))
+        target = torch.where(used, 1 + self.others + leave_order, _SCRATCH)
+        self.src_rows.copy_((self.src_offsets + source[:, None, :]).reshape(-1))
+        self.dst_rows.copy_((self.dst_offsets + target[:, None, :]).reshape(-1))
+        return count
+
+    def _hide_inactive(self, candidates: torch.Tensor, recompute: torch.Tensor) -> torch.Tensor:
+        """Public quirks: layers >= L see the full cache, less the video tokens outside this step's top set on the
+        steps that recompute it (and everything on the steps that keep it, as the public code does)."""
+        layout = self.layout
+        previous = self.active[:, : self.keep]
+        self.active[:, : self.keep].copy_(torch.where(recompute[:, None], candidates, previous))
+        none = self.prefill_length
+        active_map = _membership(torch.where(layout.active_valid, self.active[:, : self.keep], none), none)
+        video_map = _membership(torch.where(layout.video_valid, layout.video_index, none), none)
+        hidden = video_map & ~active_map & recompute[:, None]
+        self.pruned_mask.set_prefix(self.inputs.attention_mask & ~hidden[:, :none])
+        return torch.where(recompute, layout.active_valid.sum(dim=1), 0)
+
+    # ---- the compact copies (layers >= L) ------------------------------------------------------------------------
+
+    def _start_copy(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """At the prefill: this layer's compact copy, holding the other prefill tokens already."""
+        batch, heads, source_length, head_dim = keys.shape
+        capacity = 1 + self.others + self.keep + self.recomputed.shape[1]
+        if self.src_rows is None:
+            offsets = torch.arange(batch * heads, device=keys.device).view(batch, heads, 1)
+            self.src_offsets, self.dst_offsets = offsets * source_length, offsets * capacity
+            self.src_rows = torch.zeros(batch * heads * self.keep, dtype=torch.long, device=keys.device)
+            self.dst_rows = torch.zeros_like(self.src_rows)
+            mark_static(self.src_rows, self.dst_rows)
+        other_rows = (self.src_offsets + self.layout.other_index[:, None, :]).reshape(-1)
+        copies = []
+        for full in (keys, values):
+            compact = full.new_zeros(batch, heads, capacity, head_dim)
+            compact[:, :, 1 : 1 + self.others] = full.reshape(-1, head_dim)[other_rows].view(batch, heads, -1, head_dim)
+            mark_static(compact)
+            copies.append(compact)
+        self.copies[layer_idx] = (*copies, keys, values)
+
+    def _grow(self, decoded_capacity: int) -> None:
+        """Room for more decoded tokens than planned (a dynamic cache, eager decoding)."""
+        grow = lambda t, dim, fill: torch.cat([t, t.new_full((*t.shape[:dim], decoded_capacity - t.shape[dim], *t.shape[dim + 1 :]), fill)], dim)
+        self.recomputed = grow(self.recomputed, 1, False)
+        self.similarity = grow(self.similarity, 1, math.nan)
+        self.entered = grow(self.entered, 1, 0)
+        if self.history is not None:
+            self.history = grow(self.history, 1, 0)
+        self.key_valid.grow(decoded_capacity)
+        self.pruned_mask.grow(decoded_capacity)
+        if self.copies:
+            old = next(iter(self.copies.values()))[0].shape[2]
+            capacity = 1 + self.others + self.keep + decoded_capacity
+            for layer_idx, (keys, values, full_keys, full_values) in self.copies.items():
+                self.copies[layer_idx] = (grow(keys, 2, 0), grow(values, 2, 0), full_keys, full_values)
+            self.dst_offsets = self.dst_offsets // old * capacity
+
+    # ---- statistics ----------------------------------------------------------------------------------------------
+
+    def summary(self) -> dict:
+        """``image_tokens`` and ``active_image_tokens``: video tokens per row (the active count is the same at every step);
+        ``decode_steps``; per row: ``recomputations`` (the first step counts), ``recompute_steps``, ``entered``
+        (tokens that entered the active set at each step) and ``similarity`` (cos(a, a_prev) per step, NaN first)."""
+        steps = int(self.step)
+        recomputed = self.recomputed[:, :steps].tolist()
         return {
-            "image_tokens": list(self._image_tokens),
-            "active_image_tokens": list(self._active_image_tokens),
-            "decode_steps": len(self._recomputed),
-            "recomputations": [sum(row) for row in flags],
-            "recompute_steps": [[step for step, hit in enumerate(row) if hit] for row in flags],
-            "similarity": similarity,
+            "mode": "compact" if self.compact else "public_quirks",
+            "layer": self.method.layer,
+            "ratio": self.method.ratio,
+            "image_tokens": list(self.layout.video_counts),
+            "active_image_tokens": list(self.layout.keep_counts),
+            "decode_steps": steps,
+            "recomputations": [sum(row) for row in recomputed],
+            "recompute_steps": [[step for step, hit in enumerate(row) if hit] for row in recomputed],
+            "entered": self.entered[:, :steps].tolist(),
+            "similarity": self.similarity[:, :steps].tolist(),
         }
 
     def active_positions(self, row: int = 0) -> list[torch.Tensor]:
-        """Cache positions of ``row``'s active image tokens at each decoding step (recorded while
-        ``record_active`` is True), most attended first; tensors stay on the model's device."""
-        keep = self._active_image_tokens[row] if row < len(self._active_image_tokens) else 0
-        return [step[row, :keep] for step in self._active_history]
-
-    # ---- called by the installed layers -------------------------------------------------------------------
-
-    def _follow_sequence(self, cached_length: int, hidden_states: torch.Tensor) -> bool:
-        """Track which sequence the model is running; True when this forward is a decoding step to prune."""
-        batch, query_length = hidden_states.shape[:2]
-        if cached_length == 0:  # prefill of a new sequence: it takes the layout armed by start(), if any
-            pending, self._pending = self._pending, None
-            self._sequence = None
-            if pending is not None:
-                layout = pending.bound_to(batch, query_length, hidden_states.device)
-                self._sequence = _SequenceState.started(layout, hidden_states.dtype)
-            return False
-        if self._sequence is None:
-            return False
-        if query_length != 1:
-            raise NotImplementedError(
-                "DyCoke KV pruning handles one decoded token per forward; a multi-token forward on a started "
-                "sequence (chunked prefill, assisted or speculative decoding) is not supported"
-            )
-        return True
-
-    def _decide(self, attention: torch.Tensor, key_valid: torch.Tensor | None, keys: torch.Tensor) -> None:
-        """Layer L-1 of a decoding step: from its query's head-averaged attention (batch, cache_length), choose the
-        active image positions and plan layers >= L (``keys``: layer L-1's cache, for its sizes and dtype)."""
-        sequence, layout = self._sequence, self._sequence.layout
-        cache_length = attention.shape[1]
-        if cache_length != layout.prefill_length + sequence.steps + 1:
-            raise RuntimeError(
-                f"DyCoke KV pruning: layer {self.layer - 1} holds {cache_length} cached tokens but the sequence "
-                f"started with a {layout.prefill_length}-token prefill is at decoding step {sequence.steps}; "
-                "call start() before each generation"
-            )
-        if layout.image_span is not None:  # one image span shared by every row: a view
-            image_attention = attention[:, layout.image_span[0] : layout.image_span[1]]
-        else:
-            image_attention = attention.gather(1, layout.image_index)
-            if not layout.uniform_rows:
-                image_attention = image_attention * layout.image_valid
-        # cos(a, a_prev) exactly as F.cosine_similarity computes it, a_prev / |a_prev| kept from the previous step.
-        norm = torch.linalg.vector_norm(image_attention, dim=-1, keepdim=True).clamp_min_(_COSINE_EPS)
-        direction = image_attention / norm
-        first_step = sequence.previous_direction is None
-        if first_step:
-            recompute = layout.has_image
-            similarity = sequence.no_similarity
-        else:
-            similarity = (direction * sequence.previous_direction).sum(dim=-1)
-            recompute = similarity < self.threshold
-            if not layout.all_rows_have_images:
-                recompute &= layout.has_image
-        # As in the public code, a_prev follows every step, not only the steps that recompute.
-        sequence.previous_direction = direction
-        # The one host read of the step (none at the first): layers >= L attend over their full cache with a mask
-        # (the set changed) or over their compact copy (it did not).
-        # (The public code attends to the full cache on the steps that keep the active set: a bug, not kept.)
-        recomputed = first_step or bool(recompute.any())
-        if recomputed:
-            sequence.select_active(image_attention, recompute, first_step)
-        if sequence.use_compact is None:
-            batch, heads, _, head_dim = keys.shape
-            skipped = layout.prefill_length - layout.other_index.shape[1] - layout.active_valid.shape[1]
-            skipped_bytes = 2 * batch * heads * head_dim * keys.element_size() * skipped
-            sequence.use_compact = skipped_bytes >= self.compact_min_bytes
-        sequence.plan_step(cache_length, key_valid, recomputed, keys.dtype)
-        self._recomputed.append(recompute)
-        self._similarity.append(similarity)
-        if self.record_active:
-            self._active_history.append(sequence.active)  # a new tensor only when the set changed: no copy
+        """Cache positions of ``row``'s active video tokens at each decoding step (recorded with ``record``)."""
+        if self.history is None:
+            return []
+        keep = self.layout.keep_counts[row]
+        return [positions[:keep].sort().values for positions in self.history[row, : int(self.step)].cpu()]
 
 
-@dataclass
-class _ImageLayout:
-    """Where the image and non-image tokens of each prefill row are, padded to a common width."""
-
-    prefill_length: int
-    image_counts: list[int]
-    keep_counts: list[int]
-    image_span: tuple[int, int] | None  # (start, end) when every row's image tokens are exactly that range
-    image_index: torch.Tensor  # (B, N_max) cache positions of image tokens, valid where image_valid
-    image_valid: torch.Tensor  # (B, N_max)
-    other_index: torch.Tensor  # (B, O_max) cache positions of non-image prefill tokens
-    other_valid: torch.Tensor  # (B, O_max)
-    active_valid: torch.Tensor  # (B, K_max) which of the K_max active slots each row uses
-    has_image: torch.Tensor  # (B,)
-    image_mask: torch.Tensor  # (B, prefill_length) bool: the image positions
-
-    @classmethod
-    def from_mask(cls, mask: torch.Tensor, ratio: float) -> _ImageLayout:
-        batch, length = mask.shape
-        image_counts = mask.sum(dim=1).tolist()  # host reads: once per generation
-        # The public code's count: int(len * (1 - p)).
-        keep_counts = [int(count * (1 - ratio)) for count in image_counts]
-        # A stable sort puts each row's image (or non-image) positions first, in order.
-        image_first = torch.sort(mask.to(torch.uint8), dim=1, descending=True, stable=True).indices
-        other_first = torch.sort(mask.to(torch.uint8), dim=1, stable=True).indices
-        image_width, other_width, keep_width = max(image_counts), length - min(image_counts), max(keep_counts)
-        image_span = None
-        if image_width and len(set(image_counts)) == 1:
-            starts, ends = image_first[:, 0].tolist(), image_first[:, image_width - 1].tolist()
-            if len(set(starts)) == 1 and len(set(ends)) == 1 and ends[0] - starts[0] == image_width - 1:
-                image_span = (starts[0], ends[0] + 1)
-        device = mask.device
-        return cls(
-            prefill_length=length,
-            image_counts=image_counts,
-            keep_counts=keep_counts,
-            image_span=image_span,
-            image_index=image_first[:, :image_width],
-            image_valid=slots_below(torch.tensor(image_counts, device=device), image_width),
-            other_index=other_first[:, :other_width],
-            other_valid=slots_below(length - torch.tensor(image_counts, device=device), other_width),
-            active_valid=slots_below(torch.tensor(keep_counts, device=device), keep_width),
-            has_image=torch.tensor(image_counts, device=device) > 0,
-            image_mask=mask,
-        )
-
-    @property
-    def uniform_rows(self) -> bool:
-        """All rows have the same counts, so no padded slot exists in the compact layout."""
-        return len(set(self.image_counts)) == 1
-
-    @property
-    def all_rows_have_images(self) -> bool:
-        return all(self.image_counts)
-
-    def bound_to(self, batch: int, length: int, device: torch.device) -> _ImageLayout:
-        """This layout on the model's device, after checking it describes the prefill (batch, length)."""
-        if (batch, length) != (len(self.image_counts), self.prefill_length):
-            raise ValueError(
-                f"DyCoke KV pruning was started with a prunable_mask of shape "
-                f"({len(self.image_counts)}, {self.prefill_length}) but the prefill has shape ({batch}, {length}); "
-                "pass the image-token mask of exactly the sequence being generated (beam search and "
-                "num_return_sequences > 1 are not supported)"
-            )
-        tensors = {item.name: getattr(self, item.name) for item in dataclasses.fields(self)}
-        return dataclasses.replace(
-            self, **{name: value.to(device) for name, value in tensors.items() if isinstance(value, torch.Tensor)}
-        )
-
-
-class _MaskBuffer:
-    """An additive key mask (batch, capacity): its first columns are reset from ``base`` (and then edited by its
-    owner), the other columns (decoded tokens) stay 0, and the mask of a step is a view of its first columns, so
-    nothing is concatenated per step."""
-
-    def __init__(self, base: torch.Tensor):
-        self.base = base
-        self.values = base.new_zeros(base.shape[0], _aligned(base.shape[1] + _COMPACT_GROWTH))
-        self.values[:, : base.shape[1]] = base
-
-    def reset(self) -> torch.Tensor:
-        """The first columns, set back to ``base``: a view to edit in place."""
-        head = self.values[:, : self.base.shape[1]]
-        head.copy_(self.base)
-        return head
-
-    def view(self, length: int) -> torch.Tensor:
-        """(batch, 1, 1, length) view of the mask."""
-        if length > self.values.shape[1]:
-            grown = self.values.new_zeros(self.values.shape[0], _aligned(length + _COMPACT_GROWTH))
-            grown[:, : self.values.shape[1]] = self.values
-            self.values = grown
-        return self.values[:, None, None, :length]
-
-
-@dataclass
-class _StepPlan:
-    """What layers >= L do at the current decoding step (shared by all of them)."""
-
-    cache_length: int
-    compact: bool  # attend over the compact copy (the active set was kept), else over the full cache
-    mask: torch.Tensor | None  # additive key mask of what is attended (full cache or compact layout); None: all
-    version: int  # the active set the compact copy must hold
-    sequence: _SequenceState
-    # Tensors made once per step (per device, for models split over devices) by the first layer needing them.
-    _made: dict[tuple[str, torch.device], torch.Tensor] = field(default_factory=dict)
-
-    def mask_on(self, device: torch.device) -> torch.Tensor | None:
-        if self.mask is None or self.mask.device == device:
-            return self.mask
-        mask = self._made.get(("mask", device))
-        if mask is None:
-            mask = self._made["mask", device] = self.mask.to(device)
-        return mask
-
-    def last_slot(self, slot: int, device: torch.device) -> torch.Tensor:
-        """(1,) index of the compact slot receiving this step's token (made on the device: no host-to-device
-        copy)."""
-        index = self._made.get(("last_slot", device))
-        if index is None:
-            index = self._made["last_slot", device] = torch.full((1,), slot, dtype=torch.long, device=device)
-        return index
-
-    def rows(self, part: str, keys: torch.Tensor) -> torch.Tensor:
-        """Flat cache rows (see :func:`_flat_rows`) of the 'other' or 'active' compact part."""
-        rows = self._made.get((part, keys.device))
-        if rows is None:
-            positions = self.sequence.layout.other_index if part == "other" else self.sequence.gather_order()
-            rows = self._made[part, keys.device] = _flat_rows(positions.to(keys.device), keys)
-        return rows
-
-
-@dataclass
-class _SequenceState:
-    layout: _ImageLayout
-    steps: int = 0
-    previous_direction: torch.Tensor | None = None  # a_prev / |a_prev|
-    active: torch.Tensor | None = None  # (B, K_max) cache positions of the active image tokens, most attended first
-    version: int = 0  # bumped whenever the active set is recomputed
-    use_compact: bool | None = None  # whether steps that keep the set use the compact copy (set at the first step)
-    plan: _StepPlan | None = None
-    compact: dict[int, _CompactKV] = field(default_factory=dict)
-    _rope: tuple | None = None  # the step's (cos, sin) and what rope_tables made of them
-    full_mask: _MaskBuffer | None = None  # over the full cache: inactive image positions hidden
-    compact_mask: _MaskBuffer | None = None  # over the compact layout: its unused slots hidden (uneven rows only)
-    no_similarity: torch.Tensor | None = None  # (B,) NaN: the first step's cos(a, a_prev)
-
-    @classmethod
-    def started(cls, layout: _ImageLayout, dtype: torch.dtype) -> _SequenceState:
-        """The state of a sequence at its prefill, with what its first decoding step needs made in advance."""
-        return cls(
-            layout,
-            full_mask=_MaskBuffer(additive_key_mask(~layout.image_mask, dtype)[:, 0, 0]),
-            no_similarity=torch.full(layout.has_image.shape, float("nan"), device=layout.has_image.device),
-        )
-
-    def rope_tables(self, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin with its first half negated), shaped for (batch, heads, 1, head_dim) states: made by the first
-        layer of a step, reused by the others (the model passes every layer the same cos/sin tensors)."""
-        cached = self._rope
-        if cached is None or cached[0] is not cos or cached[1] is not sin:
-            half = sin.shape[-1] // 2
-            signed_sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
-            cached = self._rope = (cos, sin, cos.unsqueeze(1), signed_sin.unsqueeze(1))
-        return cached[2], cached[3]
-
-    def select_active(self, image_attention: torch.Tensor, recompute: torch.Tensor, first_step: bool) -> None:
-        layout = self.layout
-        scores = image_attention
-        if not layout.uniform_rows:  # (with even rows every slot is valid)
-            scores = scores.masked_fill(~layout.image_valid, float("-inf"))
-        top = scores.topk(layout.active_valid.shape[1], dim=1).indices  # descending, so valid slots come first
-        candidate = layout.image_index.gather(1, top)
-        if first_step or candidate.shape[0] == 1:  # (with one row, recomputed means that row recomputed)
-            self.active = candidate
-        else:
-            self.active = torch.where(recompute[:, None], candidate, self.active)
-        self.version += 1
-
-    def gather_order(self) -> torch.Tensor:
-        """The active positions in ascending order within each row's valid slots (unused slots stay last): the
-        same keys, gathered with better memory locality than in attention order."""
-        if self.layout.uniform_rows:
-            return self.active.sort(dim=1).values
-        valid = self.layout.active_valid
-        order = self.active.masked_fill(~valid, torch.iinfo(self.active.dtype).max).argsort(dim=1)
-        return self.active.gather(1, order)
-
-    def plan_step(self, cache_length: int, key_valid: torch.Tensor | None, recomputed: bool, dtype) -> None:
-        layout = self.layout
-        if recomputed:
-            # Full cache: everything visible but the image positions outside the active set.
-            if self.full_mask.values.dtype != dtype:  # (made at the prefill from the hidden states' dtype)
-                self.full_mask = _MaskBuffer(additive_key_mask(~layout.image_mask, dtype)[:, 0, 0])
-            head = self.full_mask.reset()
-            if layout.uniform_rows:
-                head.scatter_(1, self.active, 0.0)
-            else:  # unused active slots write back what they point at (an unselected image or a non-image token)
-                unused = head.gather(1, self.active)
-                head.scatter_(1, self.active, unused.masked_fill(layout.active_valid, 0.0))
-        compact = self.use_compact and not recomputed
-        if not compact:
-            mask = self.full_mask.view(cache_length)
-            if key_valid is not None:  # padding, or any key the model's own mask hides
-                mask = mask.masked_fill(~key_valid[:, None, None, :], torch.finfo(dtype).min)
-        elif key_valid is not None:
-            # Compact layout per row: [non-image prefill | active image | decoded tokens], unused slots hidden.
-            other_valid = layout.other_valid & key_valid.gather(1, layout.other_index)
-            valid = torch.cat([other_valid, layout.active_valid, key_valid[:, layout.prefill_length :]], dim=1)
-            mask = additive_key_mask(valid, dtype)
-        elif layout.uniform_rows:
-            mask = None
-        else:
-            if self.compact_mask is None:
-                valid = torch.cat([layout.other_valid, layout.active_valid], dim=1)
-                self.compact_mask = _MaskBuffer(additive_key_mask(valid, dtype)[:, 0, 0])
-            prefix = layout.other_valid.shape[1] + layout.active_valid.shape[1]
-            mask = self.compact_mask.view(prefix + cache_length - layout.prefill_length)
-        self.plan = _StepPlan(cache_length, compact, mask, self.version, self)
-        self.steps += 1
-
-
-class _CompactKV:
-    """One layer's keys/values at the compact layout's positions, with room to append decoded tokens.
-
-    Brought up to date lazily by :meth:`sync`, so steps that attend over the full cache cost it nothing.
-    """
-
-    def __init__(self, layout: _ImageLayout):
-        self.prefill_length = layout.prefill_length
-        self.other_width = layout.other_index.shape[1]
-        self.prefix = self.other_width + layout.active_valid.shape[1]
-        self.keys: torch.Tensor | None = None
-        self.values: torch.Tensor | None = None
-        self.version = -1  # the active set held (none yet)
-        self.decoded = 0  # decoded tokens held
-
-    def sync(self, plan: _StepPlan, key, value, all_keys: torch.Tensor, all_values: torch.Tensor):
-        """This step's compact keys/values: fill what is missing or stale from the full cache (``key`` and
-        ``value`` are this step's token, the last of ``all_keys`` and ``all_values``)."""
-        decoded = plan.cache_length - self.prefill_length
-        length = self.prefix + decoded
-        if self.keys is None:
-            self.keys, self.values = _with_room(all_keys, length), _with_room(all_values, length)
-            self._put_rows(all_keys, all_values, plan.rows("other", all_keys), 0)
-        elif length > self.keys.shape[2]:
-            kept = self.prefix + self.decoded
-            self.keys = _with_room(self.keys, length, copy=kept)
-            self.values = _with_room(self.values, length, copy=kept)
-        if self.version != plan.version:
-            self._put_rows(all_keys, all_values, plan.rows("active", all_keys), self.other_width)
-            self.version = plan.version
-        if self.decoded == decoded - 1:  # only this step's token is missing (the previous step was compact too)
-            slot = plan.last_slot(self.prefix + self.decoded, key.device)
-            self.keys.index_copy_(2, slot, key)
-            self.values.index_copy_(2, slot, value)
-        elif self.decoded < decoded:
-            start, source = self.prefix + self.decoded, self.prefill_length + self.decoded
-            self.keys[:, :, start:length] = all_keys[:, :, source:]
-            self.values[:, :, start:length] = all_values[:, :, source:]
-        self.decoded = decoded
-        return self.keys[:, :, :length], self.values[:, :, :length]
-
-    def _put_rows(self, all_keys, all_values, rows: torch.Tensor, start: int) -> None:
-        batch, heads, _, head_dim = all_keys.shape
-        width = rows.numel() // (batch * heads)
-        for source, target in ((all_keys, self.keys), (all_values, self.values)):
-            picked = source.reshape(-1, head_dim).index_select(0, rows)
-            target[:, :, start : start + width] = picked.view(batch, heads, width, head_dim)
-
-
-class DyCokeDecoderLayer(Qwen2DecoderLayer):
-    """A ``Qwen2DecoderLayer`` that takes part in DyCoke KV pruning (installed by switching the class in place).
-
-    At a pruned decoding step, layer L-1 decides the active image tokens from its own attention and layers >= L
-    attend to the non-image and active image tokens. Everything else (prefill, no cache, pruning not started) runs
-    the parent's forward unchanged.
-    """
-
-    dycoke: DyCokeKVPruning
-
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
-        use_cache: bool | None = False,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-        **kwargs,
-    ) -> torch.Tensor:
-        pruning, layer_idx = self.dycoke, self.self_attn.layer_idx
-        if past_key_values is not None:
-            if layer_idx == pruning.layer - 1:
-                if pruning._follow_sequence(past_key_values.get_seq_length(layer_idx), hidden_states):
-                    return self._deciding_step(hidden_states, attention_mask, position_embeddings, past_key_values)
-            else:
-                sequence = pruning._sequence
-                if sequence is not None and sequence.plan is not None and hidden_states.shape[1] == 1:
-                    return self._pruned_step(hidden_states, position_embeddings, past_key_values, sequence)
-        return super().forward(
-            hidden_states,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            use_cache=use_cache,
-            position_embeddings=position_embeddings,
-            **kwargs,
-        )
-
-    def _cached_states(self, hidden_states, position_embeddings, past_key_values, sequence):
-        """This token's rotated query, key and value, and this layer's cached keys/values (the token's appended)."""
-        attention = self.self_attn
-        normed = self.input_layernorm(hidden_states)
-        head_shape = (*hidden_states.shape[:2], -1, attention.head_dim)
-        query = attention.q_proj(normed).view(head_shape).transpose(1, 2)
-        key = attention.k_proj(normed).view(head_shape).transpose(1, 2)
-        value = attention.v_proj(normed).view(head_shape).transpose(1, 2)
-        cos, signed_sin = sequence.rope_tables(*position_embeddings)
-        half = attention.head_dim // 2
-        # apply_rotary_pos_emb's x * cos + rotate_half(x) * sin, bit for bit, in half the operations.
-        query = query * cos + query.roll(half, dims=-1) * signed_sin
-        key = key * cos + key.roll(half, dims=-1) * signed_sin
-        # The full cache keeps every token: pruned image keys can become active again later.
-        all_keys, all_values = past_key_values.update(key, value, attention.layer_idx)
-        return query, key, value, all_keys, all_values
-
-    def _finish(self, residual: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
-        hidden_states = residual + self.self_attn.o_proj(attended)
-        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
-
-    def _deciding_step(self, hidden_states, attention_mask, position_embeddings, past_key_values) -> torch.Tensor:
-        """Layer L-1: attention over everything, whose probabilities also take the step's decision."""
-        attention = self.self_attn
-        _dynamic_cache_layer(past_key_values, attention.layer_idx)
-        sequence = self.dycoke._sequence
-        query, _, _, all_keys, all_values = self._cached_states(
-            hidden_states, position_embeddings, past_key_values, sequence
-        )
-        key_valid = key_validity(attention_mask, all_keys.shape[0], all_keys.shape[2])
-        attended, probabilities = single_query_attention_with_weights(
-            query, all_keys, all_values, key_valid, attention.scaling
-        )
-        self.dycoke._decide(probabilities, key_valid, all_keys)
-        return self._finish(hidden_states, attended)
-
-    def _pruned_step(self, hidden_states, position_embeddings, past_key_values, sequence) -> torch.Tensor:
-        """Layers >= L: attention over the non-image and active image keys."""
-        attention, plan = self.self_attn, sequence.plan
-        query, key, value, all_keys, all_values = self._cached_states(
-            hidden_states, position_embeddings, past_key_values, sequence
-        )
-        if all_keys.shape[2] != plan.cache_length:
-            raise RuntimeError(
-                f"DyCoke KV pruning: layer {attention.layer_idx} holds {all_keys.shape[2]} cached tokens, the "
-                f"decision of this step was taken for {plan.cache_length}"
-            )
-        if plan.compact:
-            compact = sequence.compact.get(attention.layer_idx)
-            if compact is None:
-                compact = sequence.compact[attention.layer_idx] = _CompactKV(sequence.layout)
-            keys, values = compact.sync(plan, key, value, all_keys, all_values)
-        else:
-            keys, values = all_keys, all_values
-        attended = single_query_attention(query, keys, values, plan.mask_on(query.device), attention.scaling)
-        return self._finish(hidden_states, attended)
-
-
-def install_dycoke_kv_pruning(qwen2_model: torch.nn.Module, pruning: DyCokeKVPruning) -> None:
-    """Switch layers L-1.. of ``qwen2_model.layers`` to :class:`DyCokeDecoderLayer` (idempotent).
-
-    The layers are the same module objects afterwards (weights, hooks and device placement untouched).
-    """
-    if not isinstance(pruning, DyCokeKVPruning):
-        raise TypeError(f"pruning must be a DyCokeKVPruning, got {describe(pruning)}")
-    layers = getattr(qwen2_model, "layers", None)
-    if layers is None or not hasattr(qwen2_model, "config"):
-        raise TypeError(f"expected a Qwen2Model (with .layers and .config), got {type(qwen2_model).__name__}")
-    if not 1 <= pruning.layer <= len(layers) - 1:
-        raise ValueError(
-            f"DyCoke KV pruning layer must be in [1, {len(layers) - 1}] for a model with {len(layers)} decoder "
-            f"layers, got {pruning.layer}"
-        )
-    layer_types = getattr(qwen2_model.config, "layer_types", None) or ["full_attention"] * len(layers)
-    if any(kind != "full_attention" for kind in layer_types[pruning.layer - 1 :]):
-        raise NotImplementedError("DyCoke KV pruning does not support sliding-window attention layers")
-    for layer in layers:
-        if type(layer) not in (Qwen2DecoderLayer, DyCokeDecoderLayer):
-            raise TypeError(f"expected Qwen2DecoderLayer layers, found {type(layer).__name__}")
-
-    remove_dycoke_kv_pruning(qwen2_model)
-    for layer in layers[pruning.layer - 1 :]:
-        switch_class(layer, DyCokeDecoderLayer)
-        layer.dycoke = pruning
-    qwen2_model.dycoke_kv_pruning = pruning
-
-
-def remove_dycoke_kv_pruning(qwen2_model: torch.nn.Module) -> None:
-    """Give every DyCoke layer of ``qwen2_model.layers`` back its plain ``Qwen2DecoderLayer`` class."""
-    for layer in qwen2_model.layers:
-        if isinstance(layer, DyCokeDecoderLayer):
-            switch_class(layer, Qwen2DecoderLayer)
-            del layer.dycoke
-    pruning = qwen2_model.__dict__.pop("dycoke_kv_pruning", None)
-    if pruning is not None:
-        pruning._pending = pruning._sequence = None
-
-
-# ---- helpers ------------------------------------------------------------------------------------------------
-
-
-def _dynamic_cache_layer(cache: Cache, layer_idx: int) -> DynamicLayer:
-    layer = cache.layers[layer_idx] if layer_idx < len(cache.layers) else None
-    if not isinstance(layer, DynamicLayer) or layer.is_sliding:
-        raise NotImplementedError(
-            f"DyCoke KV pruning needs a DynamicCache (full attention); got a {type(layer).__name__} cache layer"
-        )
-    return layer
-
-
-def _aligned(columns: int) -> int:
-    """``columns`` rounded up to a multiple of 16: a mask whose rows start at such strides is used in place by
-    SDPA's memory-efficient CUDA kernel (it copies a misaligned one at every call)."""
-    return -(-columns // 16) * 16
-
-
-def _with_room(states: torch.Tensor, length: int, copy: int = 0) -> torch.Tensor:
-    """A (batch, heads, length + growth, head_dim) buffer holding states[:, :, :copy]."""
-    batch, heads, _, head_dim = states.shape
-    buffer = states.new_empty(batch, heads, length + _COMPACT_GROWTH, head_dim)
-    if copy:
-        buffer[:, :, :copy] = states[:, :, :copy]
-    return buffer
-
-
-def _flat_rows(positions: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
-    """Row numbers in cache.reshape(-1, head_dim) of (batch, position) pairs, for every head: (B * heads * W,).
-
-    Selecting whole rows with index_select is several times faster than an element-wise torch.gather.
-    """
-    batch, heads, length, _ = cache.shape
-    head_offsets = torch.arange(batch * heads, device=positions.device).view(batch, heads, 1) * length
-    return (head_offsets + positions[:, None, :]).reshape(-1)
+def _membership(index: torch.Tensor, width: int) -> torch.Tensor:
+    """(B, width + 1) bool map of the positions in ``index`` (B, K); column ``width`` collects the 'none' entries
+    and is always False."""
+    found = torch.zeros(index.shape[0], width + 1, dtype=torch.bool, device=index.device)
+    found.scatter_(1, index, True)
+    found[:, width] = False
+    return found

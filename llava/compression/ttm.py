@@ -11,7 +11,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .base import TokenSelection, VideoTokenCompressor, check_ratio, check_video_features, keep_all
+from .base import TokenSelection, VideoTokenCompressor, check_video_features, keep_all
+from .settings import check_setting
 
 __all__ = ["TemporalTokenMerging", "ttm_pruned_frames"]
 
@@ -55,7 +56,7 @@ class TemporalTokenMerging(VideoTokenCompressor):
     name = "dycoke_ttm"
 
     def __init__(self, k: float = 0.7) -> None:
-        self.k = check_ratio("dycoke_k (TTM pruning ratio k)", k, low=0.0, high=1.0, low_open=False, high_open=True)
+        self.k = check_setting("dycoke_k", k)
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "k": self.k}

@@ -11,7 +11,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .base import TokenSelection, VideoTokenCompressor, check_ratio, check_video_features
+from .base import TokenSelection, VideoTokenCompressor, check_video_features
+from .settings import check_setting
 
 __all__ = ["VidCom2", "vidcom2_frame_budgets", "vidcom2_token_scores"]
 
@@ -72,7 +73,7 @@ class VidCom2(VideoTokenCompressor):
     name = "vidcom2"
 
     def __init__(self, r: float = 0.25) -> None:
-        self.r = check_ratio("vidcom2_r (VidCom2 retention ratio r)", r, low=0.0, high=1.0, low_open=True, high_open=False)
+        self.r = check_setting("vidcom2_r", r)
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "r": self.r}

@@ -1,19 +1,22 @@
 """Video-token compression plugged into the LLaVA model, behind one switch: ``compressor``.
 
-- ``dycoke``: temporal token merging (TTM) on pooled video features before the LM, then dynamic KV-cache
-  pruning at every decoding step (a decoder-layer subclass installed into the LM while it is on).
-- ``vidcom2``: VidCom2 frame-adaptive token selection before the LM.
-- ``fastv``: FastV, the baseline the DyCoke paper compares with: at layer K of the prefill, the video tokens
-  least attended by the last prompt token are dropped for all later layers and for decoding.
+- ``dycoke``: temporal token merging (TTM) on pooled video features before the LM, then DyCoke's dynamic KV-cache
+  pruning at every decoding step;
+- ``vidcom2``: VidCom2 frame-adaptive token selection before the LM;
+- ``fastv``: FastV, the baseline the DyCoke paper compares with: at layer K of the prefill, the video tokens least
+  attended by the last prompt token are dropped for all later layers and for decoding;
 - ``none``: the baseline.
 
-The arguments are attributes of the model, settable between ``generate`` calls (``model.dycoke_p = 0.5``),
-each set re-validated. After ``generate`` the model tells what compression did (``last_compression_stats``)
-and logs one info line per call.
+The arguments are attributes of the model, settable between ``generate`` calls (``model.dycoke_p = 0.5``): a
+change is validated and everything it needs is built before anything changes, so a rejected value leaves the model
+as it was. The model holds only the settings and the method objects built from them (immutable); what one
+``generate`` call needs lives in that call's cache (see :mod:`llava.compression.decoding`). After the call the model
+keeps a plain summary of what compression did (``last_compression_stats``, ``compression_summary()``).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import warnings
 from contextlib import contextmanager
@@ -21,14 +24,37 @@ from dataclasses import dataclass, field
 
 import torch
 
-from llava.compression.base import TokenSelection
-from llava.compression.dycoke_kv import DyCokeKVPruning, install_dycoke_kv_pruning, remove_dycoke_kv_pruning
-from llava.compression.fastv import FastVPruning, install_fastv, remove_fastv
+from llava.compression.base import TokenSelection, VideoTokenCompressor
+from llava.compression.decoding import DecodeCompressor, GenerationInputs, make_generation_cache
+from llava.compression.dycoke_kv import DyCokeKV
+from llava.compression.fastv import FastV
 from llava.compression.settings import CompressionSettings, settings_from_kwargs
 from llava.compression.ttm import TemporalTokenMerging
 from llava.compression.vidcom2 import VidCom2
 
 logger = logging.getLogger("llava.compression")
+
+
+@dataclass(frozen=True)
+class CompressionSetup:
+    """The settings and what is built from them: the video compressor (before the LM) and the decode-time one."""
+
+    settings: CompressionSettings
+    video: VideoTokenCompressor | None
+    decoder: DecodeCompressor | None
+
+    @classmethod
+    def build(cls, settings: CompressionSettings) -> CompressionSetup:
+        video = decoder = None
+        if settings.compressor == "dycoke":
+            video = TemporalTokenMerging(settings.dycoke_k) if settings.dycoke_k > 0 else None
+            if settings.dycoke_p > 0:
+                decoder = DyCokeKV(settings.dycoke_l, settings.dycoke_p, public_quirks=settings.dycoke_public_quirks)
+        elif settings.compressor == "vidcom2":
+            video = VidCom2(settings.vidcom2_r)
+        elif settings.compressor == "fastv" and settings.fastv_r > 0:
+            decoder = FastV(settings.fastv_k, settings.fastv_r)
+        return cls(settings, video, decoder)
 
 
 @dataclass
@@ -38,155 +64,222 @@ class CompressionTrace:
     compressor: str
     pooled: torch.Tensor | None = None  # (F, N, D) pooled features the compressor saw
     selection: TokenSelection | None = None  # the compressor's choice (None: everything kept)
-    selection_recorded: bool = False  # True once the architecture reported the video
+    selection_recorded: bool = False  # True once the model reported the video
     video_positions: torch.Tensor | None = None  # (V,) prompt (= KV cache) positions of the video tokens, row 0
     active_positions: list[torch.Tensor] = field(default_factory=list)  # per decoding step: (K,) positions, row 0
     kv_stats: dict | None = None  # last_compression_stats["kv_pruning"] after the call
     kv_settings: dict = field(default_factory=dict)  # layer L, ratio p, threshold of the KV pruning
-    video_token_mask: torch.Tensor | None = None  # (S,) row 0 of the spliced prompt's video-token mask
 
 
 class CompressionMixin:
-    """Mixed into ``LlavaQwenForCausalLM``; uses its ``model`` (the Qwen2 LM) and ``config``."""
+    """Mixed into ``LlavaQwenForCausalLM``; uses its ``config`` and ``generation_config``."""
+
+    # ---- settings ------------------------------------------------------------------------------------------------
 
     def configure_compression(self, **kwargs) -> CompressionSettings:
         """Change compression arguments (``dycoke=True``, ``compressor="vidcom2"``, ``dycoke_p=0.5`` ...)."""
-        current = self.__dict__.get("_compression") or CompressionSettings()
-        settings = settings_from_kwargs(kwargs, current).validate(self.config.num_hidden_layers)
-        compressor = _build_video_compressor(settings)
-        self.__dict__["_compression"] = settings
-        self.__dict__["_video_compressor"] = compressor
-        language_model = self.get_model()
-        # The decoder-layer pieces are exclusive: take both out, then install the one these settings use.
-        remove_dycoke_kv_pruning(language_model)
-        remove_fastv(language_model)
-        pruning = DyCokeKVPruning(settings.dycoke_l, settings.dycoke_p) if settings.dycoke and settings.dycoke_p > 0 else None
-        fastv = FastVPruning(settings.fastv_k, settings.fastv_r) if settings.compressor == "fastv" and settings.fastv_r > 0 else None
-        if pruning is not None:
-            install_dycoke_kv_pruning(language_model, pruning)
-        if fastv is not None:
-            install_fastv(language_model, fastv)
-        self.__dict__["_kv_pruning"] = pruning
-        self.__dict__["_fastv"] = fastv
-        self.__dict__["_stats"] = _empty_stats(settings)
+        settings = settings_from_kwargs(kwargs, self.compression, self.config.num_hidden_layers)
+        setup = CompressionSetup.build(settings)  # raises before anything changed
+        self.__dict__["_compression_setup"] = setup
         return settings
+
+    def reset_compression(self) -> CompressionSettings:
+        """Back to the defaults: no compression, every method's arguments at their default values."""
+        self.__dict__["_compression_setup"] = CompressionSetup.build(CompressionSettings())
+        return self.compression
+
+    @property
+    def _setup(self) -> CompressionSetup:
+        setup = self.__dict__.get("_compression_setup")
+        if setup is None:
+            setup = self.__dict__["_compression_setup"] = CompressionSetup.build(CompressionSettings())
+        return setup
 
     @property
     def compression(self) -> CompressionSettings:
-        return self.__dict__.get("_compression") or self.configure_compression()
+        return self._setup.settings
 
-    def video_compressor(self):
-        self.compression  # noqa: B018 - makes sure the defaults are configured
-        return self.__dict__.get("_video_compressor")
+    def video_compressor(self) -> VideoTokenCompressor | None:
+        return self._setup.video
+
+    @property
+    def decode_compressor(self) -> DecodeCompressor | None:
+        """DyCoke's KV pruning or FastV, as configured (None: decoding runs unmodified)."""
+        return self._setup.decoder
+
+    # ---- what the last call did ----------------------------------------------------------------------------------
 
     @property
     def last_compression_stats(self) -> dict:
-        """What compression did in the last ``generate`` (or forward) call."""
-        stats = dict(self.__dict__.get("_stats") or _empty_stats(self.compression))
-        pruning = self.__dict__.get("_kv_pruning")
-        if pruning is not None:
-            stats["kv_pruning"] = pruning.stats
-        fastv = self.__dict__.get("_fastv")
-        if fastv is not None:
-            stats["fastv"] = fastv.stats
-        return stats
+        """What compression did in the last ``generate`` (or multimodal forward) call: plain Python values."""
+        stats = self.__dict__.get("_last_compression_stats") or _video_stats(self.compression, [])
+        return copy.deepcopy(stats)
+
+    def compression_summary(self) -> str:
+        """One line saying what compression did in the last call (what the info log prints)."""
+        stats = self.last_compression_stats
+        line = f"{stats['compressor']}: video tokens {stats['video_tokens_before']} -> {stats['video_tokens_after']}"
+        kv = stats.get("kv_pruning")
+        if kv and kv.get("decode_steps"):
+            line += (
+                f"; KV pruning over {kv['decode_steps']} decoding steps: active video tokens "
+                f"{kv['active_image_tokens']} of {kv['image_tokens']} per row, active set recomputed "
+                f"{kv['recomputations']} times"
+            )
+        fastv = stats.get("fastv")
+        if fastv and fastv.get("pruned"):
+            line += (
+                f"; FastV kept {fastv['kept_image_tokens']} of {fastv['image_tokens']} video tokens per row from "
+                f"layer {fastv['layer']}"
+            )
+        return line
 
     @contextmanager
     def compression_trace(self):
-        """Record, for the ``generate`` calls inside the block, the first video's pooled features and
-        selection, its positions in the prompt and DyCoke's active set at every decoding step (no host
-        synchronisation while generating: tensors stay where they are until the block ends)."""
+        """Record, for the ``generate`` calls inside the block, the first video's pooled features and selection,
+        its positions in the prompt and DyCoke's active set at every decoding step (kept on the device while
+        generating: no host synchronisation is added)."""
         trace = CompressionTrace(self.compression.compressor)
-        pruning = self.__dict__.get("_kv_pruning")
-        if pruning is not None:
-            trace.kv_settings = {"layer": pruning.layer, "ratio": pruning.ratio, "threshold": pruning.threshold}
-            pruning.record_active = True
+        decoder = self.decode_compressor
+        if isinstance(decoder, DyCokeKV):
+            trace.kv_settings = {"layer": decoder.layer, "ratio": decoder.ratio, "threshold": decoder.threshold}
         self.__dict__["_trace"] = trace
         try:
             yield trace
         finally:
             self.__dict__.pop("_trace", None)
-            if pruning is not None:
-                pruning.record_active = False
-                trace.active_positions = pruning.active_positions(0)
-            if trace.video_token_mask is not None:
-                trace.video_positions = trace.video_token_mask.nonzero().flatten()
-            trace.kv_stats = self.last_compression_stats.get("kv_pruning")
 
-    # -- hooks called by the architecture ----------------------------------------------------------
+    # ---- called by the architecture and by generate --------------------------------------------------------------
 
-    def _record_video_compression(self, pooled: torch.Tensor, selection) -> None:
-        frames, per_frame = pooled.shape[:2]
+    def _multimodal_inputs_built(self, mm) -> None:
+        """Every spliced prompt: the video statistics of this call, the trace's first video, compatibility checks."""
+        self.__dict__["_last_compression_stats"] = _video_stats(self.compression, mm.videos)
         trace = self.__dict__.get("_trace")
-        if trace is not None and not trace.selection_recorded:
-            trace.pooled, trace.selection, trace.selection_recorded = pooled.detach(), selection, True
-        stats = self.__dict__.setdefault("_stats", _empty_stats(self.compression))
-        stats["videos"] += 1
-        stats["video_tokens_before"] += frames * per_frame
-        stats["video_tokens_after"] += frames * per_frame if selection is None else int(selection.index.numel())
-        expected = self.compression.dycoke_num_tokens_per_frame
-        if self.compression.dycoke and expected is not None and expected != per_frame:
-            warnings.warn(
-                f"dycoke_num_tokens_per_frame={expected} but the pooled video has {per_frame} tokens per frame; "
-                f"using {per_frame} (derived from the input).",
-                stacklevel=2,
-            )
+        if trace is not None and not trace.selection_recorded and mm.videos:
+            trace.pooled, trace.selection, trace.selection_recorded = mm.videos[0].pooled, mm.videos[0].selection, True
+            trace.video_positions = mm.video_token_mask[0].nonzero().flatten()
+        self._check_compatibility_arguments(mm)
 
-    def _begin_compression(self, mm) -> None:
-        """Called by ``generate`` with the spliced prompt, before prefill."""
-        for decoder_side in (self.__dict__.get("_kv_pruning"), self.__dict__.get("_fastv")):
-            if decoder_side is not None:
-                decoder_side.start(mm.video_token_mask)
-        trace = self.__dict__.get("_trace")
-        if trace is not None and trace.video_token_mask is None:
-            trace.video_token_mask = mm.video_token_mask[0].clone()
-        start = self.compression.image_token_start_index
-        if self.compression.dycoke and start is not None and bool(mm.video_token_mask.any()):
+    def _generation_cache(self, mm, generate_kwargs: dict):
+        """The cache of a ``generate`` call that decode-time compression needs, holding that call's state
+        (None: generate builds its own cache). Pops the cache arguments it handles from ``generate_kwargs``."""
+        decoder = self.decode_compressor
+        if decoder is None:
+            return None
+        _check_generate_arguments(decoder, generate_kwargs, self.generation_config)
+        implementation = generate_kwargs.pop("cache_implementation", None) or self.generation_config.cache_implementation
+        prefill_length = mm.inputs_embeds.shape[1]
+        new_tokens = new_token_budget(self.generation_config, generate_kwargs, prefill_length)
+        inputs = GenerationInputs(
+            prunable=mm.video_token_mask,
+            attention_mask=mm.attention_mask,
+            decoded_capacity=new_tokens,
+            static_cache=implementation == "static",
+            num_layers=self.config.num_hidden_layers,
+            attn_implementation=self.config._attn_implementation,
+            dtype=mm.inputs_embeds.dtype,
+            record=self.__dict__.get("_trace") is not None,
+        )
+        state = decoder.new_state(inputs)
+        if state is None:
+            return None
+        return make_generation_cache(self.config, state, implementation, prefill_length + new_tokens)
+
+    def _generation_done(self, cache) -> None:
+        """After ``generate``: the decode-time statistics, the trace's active sets, one info log line."""
+        state = getattr(cache, "compression", None)
+        stats = self.__dict__.get("_last_compression_stats") or _video_stats(self.compression, [])
+        decoder = self.decode_compressor
+        if decoder is not None:
+            key = "kv_pruning" if isinstance(decoder, DyCokeKV) else "fastv"
+            stats[key] = state.summary() if state is not None else _unmodified_decoding(decoder)
+            trace = self.__dict__.get("_trace")
+            if trace is not None and isinstance(decoder, DyCokeKV):
+                trace.kv_stats = stats[key]
+                if state is not None and not trace.active_positions:
+                    trace.active_positions = state.active_positions(0)
+        self.__dict__["_last_compression_stats"] = stats
+        if self.compression.compressor != "none":
+            logger.info(self.compression_summary())
+
+    def _check_compatibility_arguments(self, mm) -> None:
+        """``dycoke_num_tokens_per_frame`` and ``image_token_start_index`` are derived from the input; a given value
+        that disagrees is warned about, never used."""
+        settings = self.compression
+        if not settings.dycoke:
+            return
+        expected = settings.dycoke_num_tokens_per_frame
+        for video in mm.videos:
+            per_frame = video.pooled.shape[1]
+            if expected is not None and expected != per_frame:
+                warnings.warn(
+                    f"dycoke_num_tokens_per_frame={expected} but the pooled video has {per_frame} tokens per frame; "
+                    f"using {per_frame} (derived from the input).",
+                    stacklevel=4,
+                )
+        start = settings.image_token_start_index
+        if start is not None and mm.videos:
             first = _first_video_position(mm)
-            if first != start:
+            if first is not None and first != start:
                 warnings.warn(
                     f"image_token_start_index={start} but the video tokens start at {first} in this prompt; "
                     f"using {first} (derived from where the <image> placeholder sits).",
-                    stacklevel=2,
+                    stacklevel=4,
                 )
 
-    def _reset_compression_stats(self) -> None:
-        self.__dict__["_stats"] = _empty_stats(self.compression)
 
-    def _log_compression(self) -> None:
-        if self.compression.compressor == "none":
-            return
-        stats = self.last_compression_stats
-        line = (
-            f"{self.compression.compressor}: video tokens {stats['video_tokens_before']} -> {stats['video_tokens_after']}"
+def new_token_budget(generation_config, generate_kwargs: dict, prefill_length: int) -> int:
+    """How many tokens ``generate`` may produce for a prompt of ``prefill_length`` embeddings, by transformers'
+    rules: ``max_new_tokens``; else a ``max_length`` passed to this call counts the prompt; else the configured
+    ``max_length`` counts new tokens only (the prompt comes as embeddings)."""
+    config = copy.deepcopy(generate_kwargs.get("generation_config") or generation_config)
+    config.update(**{k: v for k, v in generate_kwargs.items() if k in ("max_new_tokens", "max_length")})
+    if config.max_new_tokens is not None:
+        return max(int(config.max_new_tokens), 1)
+    if "max_length" in generate_kwargs:
+        return max(int(config.max_length) - prefill_length, 1)
+    return max(int(config.max_length), 1)
+
+
+def _check_generate_arguments(decoder: DecodeCompressor, kwargs: dict, generation_config) -> None:
+    name = "DyCoke KV pruning" if isinstance(decoder, DyCokeKV) else "FastV"
+    config = kwargs.get("generation_config") or generation_config
+    if kwargs.get("past_key_values") is not None:
+        raise ValueError(
+            f"{name} makes the cache of each generate call (it holds the call's pruning state); do not pass "
+            "past_key_values. Choose its kind with cache_implementation='dynamic' or 'static'."
         )
-        kv = stats.get("kv_pruning")
-        if kv and kv.get("decode_steps"):
-            line += (
-                f"; KV pruning over {kv['decode_steps']} decoding steps: active image tokens {kv['active_image_tokens']} "
-                f"of {kv['image_tokens']} per row, active set recomputed {kv['recomputations']} times"
-            )
-        fastv = stats.get("fastv")
-        if fastv:
-            line += f"; FastV kept {fastv['kept_image_tokens']} of {fastv['image_tokens']} video tokens per row from layer {self.compression.fastv_k}"
-        logger.info(line)
+    if kwargs.get("use_cache", config.use_cache) is False:
+        raise ValueError(f"{name} works on the KV cache: generate with use_cache=True (the default).")
+    for name_, default in (("num_beams", 1), ("num_return_sequences", 1)):
+        value = kwargs.get(name_, getattr(config, name_, default) or default)
+        if value != 1:
+            raise ValueError(f"{name} does not support {name_}={value} (one sequence per prompt row); use 1.")
 
 
-def _build_video_compressor(settings: CompressionSettings):
-    if settings.compressor == "dycoke" and settings.dycoke_k > 0:
-        return TemporalTokenMerging(settings.dycoke_k)
-    if settings.compressor == "vidcom2":
-        return VidCom2(settings.vidcom2_r)
-    return None
+def _video_stats(settings: CompressionSettings, videos) -> dict:
+    return {
+        "compressor": settings.compressor,
+        "videos": len(videos),
+        "video_tokens_before": sum(video.tokens_before for video in videos),
+        "video_tokens_after": sum(video.tokens_after for video in videos),
+    }
 
 
-def _empty_stats(settings: CompressionSettings) -> dict:
-    return {"compressor": settings.compressor, "videos": 0, "video_tokens_before": 0, "video_tokens_after": 0}
+def _unmodified_decoding(decoder: DecodeCompressor) -> dict:
+    """The statistics of a generation the decode-time compressor had nothing to do in (no video token)."""
+    if isinstance(decoder, DyCokeKV):
+        return {"layer": decoder.layer, "ratio": decoder.ratio, "image_tokens": [], "active_image_tokens": [],
+                "decode_steps": 0, "recomputations": [], "recompute_steps": [], "entered": [], "similarity": []}
+    return {"layer": decoder.layer, "ratio": decoder.ratio, "image_tokens": [], "kept_image_tokens": [],
+            "pruned": False, "decode_steps": 0}
 
 
-def _first_video_position(mm) -> int:
+def _first_video_position(mm) -> int | None:
     """Index of the first video token in the first row, counted from the row's first real token."""
     row_mask = mm.video_token_mask[0]
+    if not bool(row_mask.any()):
+        return None
     padding = int((~mm.attention_mask[0]).long().cumprod(0).sum())  # left padding length
     return int(row_mask.long().argmax()) - padding
 
@@ -194,8 +287,7 @@ def _first_video_position(mm) -> int:
 # Model attributes that read and write the compression settings, e.g. ``model.dycoke_k = 0.5``.
 def _setting_property(name: str):
     def getter(self):
-        value = getattr(self.compression, name) if name != "dycoke" else self.compression.dycoke
-        return value
+        return getattr(self.compression, name)
 
     def setter(self, value):
         self.configure_compression(**{name: value})
@@ -204,5 +296,5 @@ def _setting_property(name: str):
 
 
 for _name in ("dycoke", "compressor", "dycoke_k", "dycoke_l", "dycoke_p", "dycoke_num_tokens_per_frame",
-              "image_token_start_index", "vidcom2_r", "fastv_k", "fastv_r"):
+              "image_token_start_index", "dycoke_public_quirks", "vidcom2_r", "fastv_k", "fastv_r"):
     setattr(CompressionMixin, _name, _setting_property(_name))

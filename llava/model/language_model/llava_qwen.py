@@ -8,7 +8,9 @@ import time
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen2Model
-from transformers.models.qwen2.modeling_qwen2 import Qwen2PreTrainedModel
+from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2PreTrainedModel
+
+from llava.compression.decoding import LayerInputs
 
 from llava.model.compression_mixin import CompressionMixin
 from llava.model.llava_arch import LlavaMetaForCausalLM, LlavaMetaModel
@@ -44,16 +46,59 @@ def config_from_dict(raw: dict, checkpoint_dir: str | os.PathLike | None) -> Lla
     return config
 
 
+class LlavaQwenDecoderLayer(Qwen2DecoderLayer):
+    """The stock ``Qwen2DecoderLayer`` with the hook points of decode-time compression (DyCoke's KV pruning, FastV).
+
+    The compression state of a ``generate`` call lives in that call's cache (``past_key_values.compression``, see
+    :mod:`llava.compression.decoding`). Without one, this layer runs the stock forward unchanged. With one, the
+    state may replace the layer's inputs before it runs (mask, positions, hidden states) and read its cache after.
+    """
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        use_cache: bool | None = False,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        compression = getattr(past_key_values, "compression", None)
+        if compression is not None:
+            layer_idx = self.self_attn.layer_idx
+            inputs = LayerInputs(hidden_states, attention_mask, position_ids, position_embeddings)
+            inputs = compression.before_layer(layer_idx, inputs, past_key_values)
+            hidden_states, attention_mask, position_ids, position_embeddings = inputs
+        output = super().forward(
+            hidden_states,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            position_embeddings=position_embeddings,
+            **kwargs,
+        )
+        if compression is not None:
+            compression.after_layer(self, layer_idx, inputs, past_key_values)
+        return output
+
+
 class LlavaQwenModel(LlavaMetaModel, Qwen2Model):
     config_class = LlavaQwenConfig
 
     def __init__(self, config: LlavaQwenConfig):
         super().__init__(config)
+        # Qwen2Model builds stock layers; ours are the same modules with compression hooks (weights are set by the
+        # caller's post_init or loaded by from_pretrained, which builds on the meta device).
+        self.layers = nn.ModuleList(
+            LlavaQwenDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)
+        )
 
 
 class LlavaQwenForCausalLM(CompressionMixin, Qwen2ForCausalLM, LlavaMetaForCausalLM):
     config_class = LlavaQwenConfig
-    _no_split_modules = ["Qwen2DecoderLayer", "SigLipVisionTower"]
+    _no_split_modules = ["LlavaQwenDecoderLayer", "SigLipVisionTower"]
     last_vision_seconds = 0.0  # visual encoding time of the last generate call
 
     def __init__(self, config: LlavaQwenConfig):
@@ -83,7 +128,6 @@ class LlavaQwenForCausalLM(CompressionMixin, Qwen2ForCausalLM, LlavaMetaForCausa
         **kwargs,
     ):
         if inputs_embeds is None and images is not None:
-            self._reset_compression_stats()
             (input_ids, position_ids, attention_mask, past_key_values, inputs_embeds, labels) = (
                 self.prepare_inputs_labels_for_multimodal(
                     input_ids, position_ids, attention_mask, past_key_values, labels, images, modalities, image_sizes
@@ -114,16 +158,17 @@ class LlavaQwenForCausalLM(CompressionMixin, Qwen2ForCausalLM, LlavaMetaForCausa
         if input_ids is None:
             raise ValueError("generate needs the prompt's token ids as `inputs` or `input_ids`.")
         kwargs.pop("position_ids", None)
-        self._reset_compression_stats()
         started = time.perf_counter()
         mm = self.build_multimodal_inputs(
             input_ids, kwargs.pop("attention_mask", None), None, images, modalities, image_sizes, padding_side="left"
         )
         synchronize(mm.inputs_embeds.device)
         self.last_vision_seconds = time.perf_counter() - started
-        self._begin_compression(mm)
+        cache = self._generation_cache(mm, kwargs)  # holds this call's compression state, if any
+        if cache is not None:
+            kwargs["past_key_values"] = cache
         output = super().generate(inputs_embeds=mm.inputs_embeds, attention_mask=mm.attention_mask.long(), **kwargs)
-        self._log_compression()
+        self._generation_done(cache)
         return output
 
 

@@ -1,0 +1,188 @@
+"""The interface of decode-time compressors (DyCoke's KV pruning, FastV) and the caches that carry their state.
+
+A decode-time compressor changes what the language model's decoder layers attend to while a sequence is generated.
+It has two parts:
+
+- a :class:`DecodeCompressor`: the method and its arguments (layer, ratio), set on the model, immutable;
+- a :class:`DecodeState`: everything one ``generate`` call needs (which tokens are prunable, the active set, the
+  compact keys/values, statistics), made for that call by :meth:`DecodeCompressor.new_state` and owned by that
+  call's cache (:class:`CompressionDynamicCache` or :class:`CompressionStaticCache`). When ``generate`` returns,
+  nothing of it is reachable from the model; two calls or two models never share one.
+
+The model's decoder layers (``LlavaQwenDecoderLayer``) look for a state on the cache they are given: without one
+they are the stock ``Qwen2DecoderLayer``. With one, each layer calls :meth:`DecodeState.before_layer` (which may
+replace its inputs: the hidden states, the mask, the positions) and :meth:`DecodeState.after_layer` (which may read
+the layer's cache, e.g. to decide what later layers see), and the cache routes every key/value update through
+:meth:`DecodeState.update_cache` (which may return other keys/values for the attention, e.g. a compact copy).
+
+Decoding steps run with tensors whose shapes are fixed per generation and no host synchronisation, so a step
+compiles (``torch.compile(fullgraph=True)``, static cache, CUDA graphs) like the stock model's.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from transformers.cache_utils import DynamicCache, StaticCache
+
+__all__ = [
+    "CompressionDynamicCache",
+    "CompressionStaticCache",
+    "DecodeCompressor",
+    "DecodeState",
+    "GenerationInputs",
+    "LayerInputs",
+    "make_generation_cache",
+]
+
+PREFILL, DECODE = "prefill", "decode"
+
+
+class LayerInputs(NamedTuple):
+    """What a decoder layer receives besides its cache."""
+
+    hidden_states: torch.Tensor
+    attention_mask: torch.Tensor | None
+    position_ids: torch.Tensor | None
+    position_embeddings: tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class GenerationInputs:
+    """What a decode-time compressor knows of a generation before its prefill."""
+
+    prunable: torch.Tensor  # (batch, prefill_length) bool: the video tokens, in cache positions (padding applied)
+    attention_mask: torch.Tensor  # (batch, prefill_length) bool: real tokens (False at padding)
+    decoded_capacity: int  # tokens that will be decoded at most (more grow the buffers, eager decoding only)
+    static_cache: bool  # the cache is a StaticCache (fixed length, compiled decoding possible)
+    num_layers: int
+    attn_implementation: str
+    dtype: torch.dtype  # of the hidden states
+    record: bool = False  # keep per-step records for tracing (DyCoke's active set at every step)
+
+
+class DecodeState:
+    """One generation's state of a decode-time compressor; the hooks below are called by the model's decoder
+    layers and its cache. The first forward of a generation is its prefill, the others are decoding steps of one
+    token each (chunked prefill, assisted and speculative decoding are not supported)."""
+
+    def __init__(self, inputs: GenerationInputs):
+        self.inputs = inputs
+        self.prefill_length = inputs.prunable.shape[1]
+        self.last_layer = inputs.num_layers - 1
+        self.phase = PREFILL  # a Python constant for every decoding step, so compiled steps never recompile on it
+
+    # ---- hooks ---------------------------------------------------------------------------------------------------
+
+    def before_layer(self, layer_idx: int, inputs: LayerInputs, cache) -> LayerInputs:
+        """Called before decoder layer ``layer_idx`` runs; returns the inputs it should run with."""
+        if layer_idx == 0 and self.phase == DECODE:
+            if inputs.hidden_states.shape[1] != 1:
+                raise NotImplementedError(
+                    f"{type(self).__name__}: a decoding forward of {inputs.hidden_states.shape[1]} tokens; only one "
+                    "token per forward is supported after the prefill (no chunked prefill, assisted or speculative "
+                    "decoding)"
+                )
+            self.begin_step(cache)
+        return self.layer_inputs(layer_idx, inputs, cache)
+
+    def after_layer(self, decoder_layer, layer_idx: int, inputs: LayerInputs, cache) -> None:
+        """Called after decoder layer ``layer_idx`` ran with ``inputs``."""
+        self.observe(decoder_layer, layer_idx, inputs, cache)
+        if layer_idx == self.last_layer and self.phase == PREFILL:
+            self.phase = DECODE
+
+    def keeps_full_cache(self, layer_idx: int) -> bool:
+        """Whether the cache stores this layer's new keys/values (else :meth:`update_cache` keeps them)."""
+        return True
+
+    def update_cache(self, layer_idx, key, value, keys, values) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys/values layer ``layer_idx`` attends over. ``key``/``value`` are the new token(s)'; ``keys``/
+        ``values`` what the cache returned after storing them (None when :meth:`keeps_full_cache` is False)."""
+        return keys, values
+
+    # ---- what subclasses implement -------------------------------------------------------------------------------
+
+    def begin_step(self, cache) -> None:
+        """Start a decoding step (called once per decoding forward, before layer 0)."""
+
+    def layer_inputs(self, layer_idx: int, inputs: LayerInputs, cache) -> LayerInputs:
+        return inputs
+
+    def observe(self, decoder_layer, layer_idx: int, inputs: LayerInputs, cache) -> None:
+        """Read what decoder layer ``layer_idx`` just did."""
+
+    def summary(self) -> dict:
+        """Statistics of the generation, as plain Python values (read from the device once, at the end)."""
+        return {}
+
+
+class DecodeCompressor(ABC):
+    """A decode-time compression method with its arguments; makes a fresh :class:`DecodeState` per generation."""
+
+    name: str
+
+    @abstractmethod
+    def new_state(self, inputs: GenerationInputs) -> DecodeState | None:
+        """The state of one generation, or None when this generation has nothing to compress."""
+
+    def describe(self) -> dict:
+        return {"name": self.name}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.describe().items() if k != "name")
+        return f"{type(self).__name__}({args})"
+
+
+class _CompressionCache:
+    """Routes key/value updates through the generation's :class:`DecodeState` (``self.compression``)."""
+
+    compression: DecodeState
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        keys = values = None
+        if self.compression.keeps_full_cache(layer_idx):
+            keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        return self.compression.update_cache(layer_idx, key_states, value_states, keys, values)
+
+
+class CompressionDynamicCache(_CompressionCache, DynamicCache):
+    """A ``DynamicCache`` carrying one generation's decode-time compression state."""
+
+    def __init__(self, config, compression: DecodeState):
+        super().__init__(config=config)
+        self.compression = compression
+
+
+class CompressionStaticCache(_CompressionCache, StaticCache):
+    """A ``StaticCache`` carrying one generation's decode-time compression state (compiled decoding works)."""
+
+    def __init__(self, config, max_cache_len: int, compression: DecodeState):
+        super().__init__(config=config, max_cache_len=max_cache_len)
+        self.compression = compression
+
+
+CACHE_IMPLEMENTATIONS = ("dynamic", "static")
+
+
+def make_generation_cache(config, compression: DecodeState, cache_implementation: str | None, max_cache_len: int):
+    """The cache of one generation: dynamic (default) or static (``max_cache_len`` tokens)."""
+    if cache_implementation in (None, "dynamic"):
+        return CompressionDynamicCache(config, compression)
+    if cache_implementation == "static":
+        return CompressionStaticCache(config, max_cache_len, compression)
+    raise ValueError(
+        f"cache_implementation={cache_implementation!r} is not supported with decode-time compression "
+        f"(DyCoke KV pruning, FastV); allowed: {', '.join(CACHE_IMPLEMENTATIONS)}."
+    )
+
+
+def mark_static(*tensors: torch.Tensor) -> None:
+    """Tell torch.compile these per-generation buffers keep their address (updated in place), as transformers'
+    StaticCache does for its own: CUDA graphs then read them where they are instead of copying them."""
+    if not torch.compiler.is_compiling():
+        for tensor in tensors:
+            torch._dynamo.mark_static_address(tensor)
