@@ -10,10 +10,14 @@
 # Each (setting, task) is its own `accelerate launch` run, timed, written to $OUTPUT/<setting>/<task>/.
 # activitynetqa and video_dc499 are scored by a GPT judge through the OpenAI API: without OPENAI_API_KEY
 # they are skipped (with a notice before anything runs); the other tasks still run.
-# lmms-eval exits 0 even when a run fails, so a run counts as done only if it wrote a results file;
-# failed runs are listed at the end and the script exits 1.
+# lmms-eval exits 0 even when a run fails, so a run counts as done only if its launcher exited 0 and it wrote
+# a results file; failed runs are listed at the end and the script exits 1.
+# Before launching anything it checks that NUM_GPUS CUDA GPUs are visible (unless device=cpu is asked) and
+# that a local MODEL exists. Relative MODEL, OUTPUT and INCLUDE_PATH are relative to the folder eval.sh is
+# run from. CPU smoke test on a small local checkpoint: see docs/evaluation.md.
 set -euo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")"
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"  # this repository (scripts/results_table.py)
+PYTHON="${PYTHON:-python}"
 
 MODEL="${MODEL:-lmms-lab/llava-onevision-qwen2-7b-ov}"
 MODEL_TYPE="${MODEL_TYPE:-llava_onevision}"        # llava_vid for LLaVA-Video checkpoints
@@ -27,11 +31,27 @@ TASKS="${TASKS:-activitynetqa,video_dc499,perceptiontest_val_mc,videomme,videomm
 SETTINGS="${SETTINGS:-baseline,dycoke}"
 OUTPUT="${OUTPUT:-./logs/eval}"
 EXTRA_MODEL_ARGS="${EXTRA_MODEL_ARGS:-}"           # appended to both settings, e.g. max_frames_num=32
-ACCELERATE_ARGS="${ACCELERATE_ARGS:---main_process_port=25001}"  # e.g. "--cpu" for a CPU smoke test
+ACCELERATE_ARGS="${ACCELERATE_ARGS:-}"             # e.g. "--cpu"; without --main_process_port a free port is picked per run
 LIMIT="${LIMIT:-}"                                 # samples per task, for a quick check
 INCLUDE_PATH="${INCLUDE_PATH:-}"                   # folder of extra task yamls (lmms-eval --include_path)
 GPT_JUDGE_TASKS=(activitynetqa video_dc499)
 export HF_HOME="${HF_HOME:-$HOME/.cache/huggingface}"  # lmms-eval's task files read it unguarded
+
+fail() {
+    echo "eval.sh: $*" >&2
+    exit 2
+}
+
+absolute() {  # a path relative to the folder eval.sh runs in -> absolute
+    case "$1" in
+        /*) printf '%s\n' "$1" ;;
+        *) printf '%s\n' "$PWD/$1" ;;
+    esac
+}
+
+looks_like_hub_id() {  # owner/name, not an existing path
+    [[ "$1" =~ ^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$ ]] && [ ! -e "$1" ]
+}
 
 model_args_for() {
     local args="pretrained=$MODEL,conv_template=$CONV_TEMPLATE,model_name=llava_qwen"
@@ -64,6 +84,50 @@ fi
 IFS=',' read -r -a setting_list <<< "$SETTINGS"
 for setting in "${setting_list[@]}"; do model_args_for "$setting" > /dev/null; done
 
+# -- checks before any launch: each would otherwise fail the same way, once per (setting, task) ----------
+wants_cpu() {  # device=cpu or device_map=cpu in the model args, or accelerate's --cpu
+    [[ ",$(model_args_for "${setting_list[0]}")," =~ ,device(_map)?=cpu, ]] || [[ " $ACCELERATE_ARGS " == *" --cpu "* ]]
+}
+
+check_devices() {
+    [[ "$NUM_GPUS" =~ ^[1-9][0-9]*$ ]] || fail "NUM_GPUS=$NUM_GPUS must be a positive number of processes."
+    if wants_cpu; then
+        [ "$NUM_GPUS" = 1 ] || fail "device=cpu runs in one process: set NUM_GPUS=1 (it is $NUM_GPUS)."
+        return
+    fi
+    local visible
+    visible="$("$PYTHON" -c 'import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)')" \
+        || fail "cannot import torch with $PYTHON: install this package first (bash scripts/install.sh)."
+    if [ "$visible" -lt "$NUM_GPUS" ]; then
+        local fix="set NUM_GPUS=$visible"
+        [ "$visible" -gt 0 ] || fix="run where CUDA GPUs are visible (check nvidia-smi and CUDA_VISIBLE_DEVICES)"
+        fail "NUM_GPUS=$NUM_GPUS but $PYTHON sees $visible CUDA GPU(s) (torch.cuda). Either $fix, or run on the CPU" \
+            "(small checkpoints only): NUM_GPUS=1 EXTRA_MODEL_ARGS=device=cpu ACCELERATE_ARGS=--cpu bash eval.sh."
+    fi
+}
+
+check_model() {
+    if [ -e "$MODEL" ]; then
+        [ -f "$MODEL/config.json" ] || fail "MODEL=$MODEL is not a checkpoint folder (no config.json in $(absolute "$MODEL"))."
+        MODEL="$(absolute "$MODEL")"
+    elif ! looks_like_hub_id "$MODEL"; then
+        fail "MODEL=$MODEL does not exist (relative paths are relative to $PWD) and is not a hub id (owner/name)."
+    fi
+}
+
+command -v accelerate > /dev/null || fail "the accelerate command is not on PATH: install this package (bash scripts/install.sh)."
+check_devices
+check_model
+OUTPUT="$(absolute "$OUTPUT")"
+if [ -n "$INCLUDE_PATH" ]; then
+    [ -d "$INCLUDE_PATH" ] || fail "INCLUDE_PATH=$INCLUDE_PATH is not a folder (relative paths are relative to $PWD)."
+    INCLUDE_PATH="$(absolute "$INCLUDE_PATH")"
+fi
+
+free_port() {  # for the processes of one run to meet; a fixed port would collide between concurrent runs
+    "$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
 echo "Model $MODEL ($MODEL_TYPE), $NUM_GPUS process(es); settings: ${setting_list[*]}; tasks: ${task_list[*]}; output: $OUTPUT"
 failed=()
 for setting in "${setting_list[@]}"; do
@@ -71,7 +135,10 @@ for setting in "${setting_list[@]}"; do
         out="$OUTPUT/$setting/$task"
         mkdir -p "$out"
         touch "$out/.started"
-        cmd=(accelerate launch --num_processes="$NUM_GPUS" $ACCELERATE_ARGS -m lmms_eval
+        port_args=()
+        [[ "$ACCELERATE_ARGS" == *--main_process_port* ]] || port_args=(--main_process_port="$(free_port)")
+        # shellcheck disable=SC2086  # ACCELERATE_ARGS is a list of words
+        cmd=(accelerate launch --num_processes="$NUM_GPUS" "${port_args[@]}" $ACCELERATE_ARGS -m lmms_eval
              --model "$MODEL_TYPE" --model_args "$(model_args_for "$setting")" --tasks "$task"
              --batch_size 1 --log_samples --log_samples_suffix "$MODEL_TYPE" --output_path "$out")
         [ -n "$LIMIT" ] && cmd+=(--limit "$LIMIT")
@@ -79,21 +146,26 @@ for setting in "${setting_list[@]}"; do
         echo "=== $setting / $task"
         echo "+ ${cmd[*]}"
         start=$SECONDS
-        "${cmd[@]}" 2>&1 | tee "$out/run.log" || true
+        status=0
+        "${cmd[@]}" 2>&1 | tee "$out/run.log" || status=$?
         elapsed=$((SECONDS - start))
-        if [ -n "$(find "$out" -name '*_results.json' -newer "$out/.started" -print -quit)" ]; then
+        if [ "$status" -ne 0 ]; then
+            failed+=("$setting/$task (exit status $status)")
+            echo "=== $setting / $task: FAILED after ${elapsed}s: the launcher exited with status $status (see $out/run.log)"
+        elif [ -z "$(find "$out" -name '*_results.json' -newer "$out/.started" -print -quit)" ]; then
+            failed+=("$setting/$task (no results file)")
+            echo "=== $setting / $task: FAILED after ${elapsed}s: no results file (see $out/run.log)"
+        else
             echo "$elapsed" > "$out/wall_time_s"
             echo "=== $setting / $task: done in ${elapsed}s"
-        else
-            failed+=("$setting/$task")
-            echo "=== $setting / $task: FAILED after ${elapsed}s (no results file; see $out/run.log)"
         fi
     done
 done
 
 echo
-"${PYTHON:-python}" scripts/results_table.py "$OUTPUT" --settings "$SETTINGS" | tee "$OUTPUT/results.md" || true
+"$PYTHON" "$ROOT/scripts/results_table.py" "$OUTPUT" --settings "$SETTINGS" | tee "$OUTPUT/results.md" || true
 if [ "${#failed[@]}" -gt 0 ]; then
-    echo "Failed runs: ${failed[*]}" >&2
+    echo "Failed runs:" >&2
+    printf '  %s\n' "${failed[@]}" >&2
     exit 1
 fi

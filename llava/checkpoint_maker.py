@@ -259,3 +259,19 @@ def builtin_checkpoint(preset: str = "small") -> Path:
     if not (folder / "config.json").is_file():
         make_tiny_checkpoint(folder, preset)
     return folder
+
+
+def scale_attention_logits(model, scale: float) -> None:
+    """Multiply the attention logits of ``model``'s language model by ``scale`` (its q and k projections, weights
+    and biases, by ``sqrt(scale)`` each), in place.
+
+    With random weights this sets DyCoke's decoding regime: flatter attention (``scale`` < 1) keeps the active set
+    between steps (cos >= 0.9), as real models mostly do; peaked attention (``scale`` > 1) changes it at every step.
+    """
+    factor = scale**0.5
+    with torch.no_grad():
+        for layer in model.get_model().layers:
+            for projection in (layer.self_attn.q_proj, layer.self_attn.k_proj):
+                projection.weight.mul_(factor)
+                if projection.bias is not None:
+                    projection.bias.mul_(factor)

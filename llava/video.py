@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -130,6 +131,12 @@ def load_video(
             raise VideoLoadError(f"Video {name!r} has no frames")
         avg_fps = _average_fps(reader)
         if fps is None:
+            if num_frames > total:
+                warnings.warn(
+                    f"{name!r} has {total} frames and {num_frames} were requested: frames repeat (uniform sampling "
+                    "as lmms-eval does it). Request at most as many frames as the video has to avoid it.",
+                    stacklevel=2,
+                )
             indices = uniform_indices(total, num_frames)
         elif avg_fps <= 0:
             raise VideoLoadError(f"Video {name!r} has no frame rate, so it cannot be sampled at fps={fps}")

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from transformers import CompileConfig
 
+from llava.checkpoint_maker import scale_attention_logits  # noqa: F401  (used by the tests through here)
 from llava.constants import IMAGE_TOKEN_INDEX
 from llava.conversation import conv_templates
 from llava.mm_utils import tokenizer_image_token
@@ -25,17 +26,6 @@ def load(checkpoint, attn: str = "sdpa", **compression):
         **compression,
     )
     return tokenizer, model
-
-
-def scale_attention_logits(model, scale: float) -> None:
-    """Multiply the language model's q and k projections by ``sqrt(scale)`` each (attention logits by ``scale``):
-    below 1 attention flattens and DyCoke's active set is kept between steps, above 1 it peaks and changes."""
-    factor = scale**0.5
-    with torch.no_grad():
-        for layer in model.get_model().layers:
-            for projection in (layer.self_attn.q_proj, layer.self_attn.k_proj):
-                projection.weight.mul_(factor)
-                projection.bias.mul_(factor)
 
 
 def prompt(tokenizer, question: str = "What happens in the video?") -> torch.Tensor:
@@ -68,7 +58,24 @@ def video_positions(model, ids, video) -> torch.Tensor:
     return mm.video_token_mask[0].nonzero().flatten()
 
 
-class MaskedDyCoke:
+def _hook(model, layer: int, read, hide) -> list:
+    """``read`` after layer ``layer - 1``'s attention (its output: output, probabilities), ``hide`` before the
+    attention of every later layer (it may replace the attention mask)."""
+    layers = model.get_model().layers
+    handles = [layers[layer - 1].self_attn.register_forward_hook(read)]
+    handles += [later.self_attn.register_forward_pre_hook(hide, with_kwargs=True) for later in layers[layer:]]
+    return handles
+
+
+class _Hooked:
+    handles: list
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
+
+
+class MaskedDyCoke(_Hooked):
     """DyCoke's KV pruning rule on an eager model (batch 1), with hooks.
 
     Layer L-1's eager attention probabilities of the decoding query, averaged over heads and read at the video
@@ -85,11 +92,7 @@ class MaskedDyCoke:
         self.recomputed: list[bool] = []
         self.margins: list[float] = []  # a selection is well defined when no margin is within rounding
         self.hide_now = True
-        layers = model.get_model().layers
-        self.handles = [layers[layer - 1].self_attn.register_forward_hook(self.decide)]
-        self.handles += [
-            decoder_layer.self_attn.register_forward_pre_hook(self.hide, with_kwargs=True) for decoder_layer in layers[layer:]
-        ]
+        self.handles = _hook(model, layer, read=self.decide, hide=self.hide)
 
     def decide(self, module, args, output):
         weights = output[1]  # eager: (batch, heads, queries, keys)
@@ -116,12 +119,8 @@ class MaskedDyCoke:
         kwargs["attention_mask"] = mask.masked_fill(hidden, torch.finfo(mask.dtype).min)
         return args, kwargs
 
-    def remove(self):
-        for handle in self.handles:
-            handle.remove()
 
-
-class HiddenFastV:
+class HiddenFastV(_Hooked):
     """FastV's rule on an eager model (batch 1), with hooks: from layer K on, the prefill and every decoding step see
     the video tokens outside the top round(n * (1 - R)) of layer K-1's last-prompt-token attention hidden by the
     mask (their position ids unchanged)."""
@@ -130,11 +129,7 @@ class HiddenFastV:
         self.positions = positions
         self.keep = round(len(self.positions) * (1 - ratio))
         self.dropped = None
-        layers = model.get_model().layers
-        self.handles = [layers[layer - 1].self_attn.register_forward_hook(self.rank)]
-        self.handles += [
-            decoder_layer.self_attn.register_forward_pre_hook(self.hide, with_kwargs=True) for decoder_layer in layers[layer:]
-        ]
+        self.handles = _hook(model, layer, read=self.rank, hide=self.hide)
 
     def rank(self, module, args, output):
         weights = output[1]
@@ -149,22 +144,51 @@ class HiddenFastV:
         kwargs["attention_mask"] = mask.index_fill(-1, self.dropped, torch.finfo(mask.dtype).min)
         return args, kwargs
 
-    def remove(self):
-        for handle in self.handles:
-            handle.remove()
-
 
 class HostReads(torch.utils._python_dispatch.TorchDispatchMode):
-    """Counts the operations whose result or output shape needs the tensor's data on the host."""
+    """Counts the operations whose result or output shape needs the tensor's data on the host (and calls of
+    ``Tensor.tolist``, which no dispatch mode sees). With ``decoding_only``, only inside ``model``'s decoding
+    forwards (one new token per row), so what generate's own loop and the prefill do is left out."""
 
     READS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::unique", "aten::_unique2",
              "aten::item", "aten::equal")
 
-    def __init__(self):
+    def __init__(self, model=None, decoding_only: bool = False):
         super().__init__()
-        self.count = 0
+        self.count = self.forwards = 0
+        self.model, self.watching = model, not decoding_only
+
+    def __enter__(self):
+        self._tolist = torch.Tensor.tolist
+        reads = self
+
+        def counted_tolist(tensor):
+            reads.count += reads.watching
+            return reads._tolist(tensor)
+
+        torch.Tensor.tolist = counted_tolist
+        if self.model is not None and not self.watching:
+            self._hooks = [
+                self.model.register_forward_pre_hook(self._start, with_kwargs=True),
+                self.model.register_forward_hook(self._stop),
+            ]
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.Tensor.tolist = self._tolist
+        for hook in getattr(self, "_hooks", []):
+            hook.remove()
+        return super().__exit__(*exc)
+
+    def _start(self, module, args, kwargs):
+        ids = kwargs.get("input_ids")
+        self.watching = ids is not None and ids.shape[1] == 1
+        self.forwards += self.watching
+
+    def _stop(self, module, args, output):
+        self.watching = False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func._schema.name in self.READS:
+        if self.watching and func._schema.name in self.READS:
             self.count += 1
         return func(*args, **(kwargs or {}))

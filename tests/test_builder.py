@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import sys
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from llava.checkpoint_maker import make_tiny_checkpoint
 from llava.model.builder import load_pretrained_model
+from llava.model.language_model.llava_qwen import LlavaQwenForCausalLM
 from tests.conftest import random_video
 from tests.test_conformance import prompt_ids
 
@@ -52,7 +55,7 @@ def test_dtype_is_honoured(tiny_checkpoint, dtype, expected):
 def test_overwrite_config_is_applied_before_building(tiny_checkpoint):
     _, model, _, _ = load(tiny_checkpoint, overwrite_config={"mm_spatial_pool_stride": 1, "mm_newline_position": "frame"})
     video = random_video(2, model.get_vision_tower().image_size)
-    tokens, mask = model.encode_visual_items([video], ["video"], None)[0]
+    tokens, mask, _ = model.encode_visual_items([video], ["video"], None)[0]
     side = model.get_vision_tower().num_patches_per_side
     assert tokens.shape[0] == 2 * (side * side + 1)  # stride 1: no pooling; a newline after each frame
     assert int(mask.sum()) == 2 * side * side
@@ -86,6 +89,75 @@ def test_unexpected_weight_is_named(tmp_path):
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ValueError, match="unexpected weights: .*model.surprise.weight"):
         load(path)
+
+
+def copy_of(checkpoint, tmp_path):
+    path = tmp_path / "copy"
+    shutil.copytree(checkpoint, path)
+    return path
+
+
+def shard_holding(path, name):
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    return path / index["weight_map"][name]
+
+
+@pytest.mark.parametrize("name", [
+    "config.json", "model.safetensors.index.json", "vision_tower/config.json", "vision_tower/preprocessor_config.json",
+])
+def test_invalid_json_names_the_file(tmp_path, tiny_checkpoint, name):
+    path = copy_of(tiny_checkpoint, tmp_path)
+    (path / name).write_text((path / name).read_text()[:-30])  # cut short, as by a failed copy
+    with pytest.raises(ValueError, match=re.escape(str(path / name)) + r" is not valid JSON \(.*line \d+"):
+        load(path)
+
+
+def test_weight_of_the_wrong_shape_is_named_before_loading(tmp_path, tiny_checkpoint, monkeypatch):
+    path = copy_of(tiny_checkpoint, tmp_path)
+    name = "model.mm_projector.2.weight"
+    shard = shard_holding(path, name)
+    tensors = load_file(str(shard))
+    rows, columns = tensors[name].shape
+    tensors[name] = torch.zeros(rows, columns + 1)
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    loaded = []
+    monkeypatch.setattr(LlavaQwenForCausalLM, "from_pretrained", lambda *a, **k: loaded.append(1))
+    expected = f"weights with the wrong shape: ['{name} ({shard.name}): stored [{rows}, {columns + 1}], the model expects [{rows}, {columns}]']"
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        load(path)
+    assert not loaded, "the shapes must be checked before any weight is loaded"
+
+
+def test_truncated_shard_is_named(tmp_path, tiny_checkpoint):
+    path = copy_of(tiny_checkpoint, tmp_path)
+    shard = shard_holding(path, "model.norm.weight")
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) * 2 // 3])  # an interrupted download
+    with pytest.raises(ValueError, match=f"Weight file {re.escape(str(shard))} cannot be read .*truncated or corrupt"):
+        load(path)
+
+
+def test_missing_shard_is_named(tmp_path, tiny_checkpoint):
+    path = copy_of(tiny_checkpoint, tmp_path)
+    shard = shard_holding(path, "model.norm.weight")
+    shard.unlink()
+    with pytest.raises(FileNotFoundError, match=f"lists shard\\(s\\) missing from .*: {shard.name}"):
+        load(path)
+
+
+def test_missing_or_broken_tokenizer_fails_before_the_weights(tmp_path, tiny_checkpoint, monkeypatch):
+    loaded = []
+    monkeypatch.setattr(LlavaQwenForCausalLM, "from_pretrained", lambda *a, **k: loaded.append(1))
+    path = copy_of(tiny_checkpoint, tmp_path)
+    tokenizer_file = path / "tokenizer.json"
+    content = tokenizer_file.read_text()
+    tokenizer_file.unlink()
+    with pytest.raises(FileNotFoundError, match=f"{re.escape(str(path))} has no tokenizer files: .*tokenizer.json"):
+        load(path)
+    tokenizer_file.write_text(content[: len(content) // 2])
+    with pytest.raises(ValueError, match=f"The tokenizer files in {re.escape(str(path))} cannot be loaded"):
+        load(path)
+    assert not loaded
 
 
 @pytest.mark.parametrize("field,value,message", [
@@ -150,6 +222,54 @@ def test_bad_video_tensors_are_named(loaded_tiny):
         model.generate(ids, images=[random_video(2, size)], modalities=["audio"], max_new_tokens=2)
 
 
+PREPROCESS_FIX = re.escape('image_processor.preprocess(frames, return_tensors="pt")["pixel_values"]')
+
+
+@pytest.mark.parametrize("raw", [
+    torch.full((4, 3, 98, 98), 200, dtype=torch.uint8),  # resized but not rescaled/normalised
+    torch.zeros((4, 120, 160, 3), dtype=torch.uint8),  # frames straight from the decoder
+])
+def test_integer_pixels_are_rejected_with_the_fix(loaded_tiny, raw):
+    tokenizer, model, _, _ = loaded_tiny
+    ids = prompt_ids(tokenizer, "Hi")
+    with pytest.raises(ValueError, match=r"video 0 has dtype torch.uint8: raw 0-255 pixels.*" + PREPROCESS_FIX):
+        model.generate(ids, images=[raw], modalities=["video"], max_new_tokens=2)
+
+
+@pytest.mark.parametrize("bad_value", [float("nan"), float("inf")])
+def test_non_finite_pixels_name_the_item(loaded_tiny, bad_value):
+    tokenizer, model, _, _ = loaded_tiny
+    size = model.get_vision_tower().image_size
+    ids = prompt_ids(tokenizer, "Compare with <image> please.")
+    broken = random_video(3, size, seed=1)
+    broken[2, 1, 5, 7] = bad_value
+    with pytest.raises(ValueError, match=r"video 1 has NaN or infinite pixel values.*" + PREPROCESS_FIX):
+        model.generate(ids, images=[random_video(2, size), broken], modalities=["video", "video"], max_new_tokens=2)
+    image = random_video(1, size)
+    image[0, 0, 0, 0] = bad_value
+    with pytest.raises(ValueError, match=r"image 0 has NaN or infinite pixel values.*process_images"):
+        model.generate(prompt_ids(tokenizer, "Hi"), images=[image], modalities=["image"], max_new_tokens=2)
+
+
+def test_pixel_checks_read_the_device_once_per_call():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from llava.model.llava_arch import _check_pixels
+
+    class CountHostReads(TorchDispatchMode):
+        reads = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default):
+                CountHostReads.reads += 1
+            return func(*args, **(kwargs or {}))
+
+    items = [random_video(2, 14, seed=i) for i in range(5)]
+    with CountHostReads():
+        _check_pixels(items, ["video"] * 5, 14)
+    assert CountHostReads.reads == 1
+
+
 def test_padded_batch_rows_equal_single_runs(loaded_tiny):
     tokenizer, model, _, _ = loaded_tiny
     size = model.get_vision_tower().image_size
@@ -191,9 +311,9 @@ def test_hub_id_without_network_is_a_clear_error(monkeypatch):
         load("nobody-here/no-such-llava")
 
 
-def test_quantized_loading_names_its_missing_dependency(tiny_checkpoint):
-    import importlib.util
-
-    assert importlib.util.find_spec("bitsandbytes") is None, "the CPU set-up does not install bitsandbytes"
-    with pytest.raises(ImportError, match="load_8bit / load_4bit need the bitsandbytes package"):
-        load(tiny_checkpoint, load_4bit=True)
+@pytest.mark.parametrize("option", ["load_4bit", "load_8bit"])
+def test_quantized_loading_names_its_missing_dependency(tiny_checkpoint, monkeypatch, option):
+    # A None entry in sys.modules makes `import bitsandbytes` fail, whether or not it is installed here.
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    with pytest.raises(ImportError, match=r"load_8bit / load_4bit need the bitsandbytes package \(pip install bitsandbytes\)"):
+        load(tiny_checkpoint, **{option: True})

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from llava.model import compression_mixin
 from tests.conftest import random_video
 from tests.references import HiddenFastV, HostReads, compile_config, greedy, load, prompt, video_positions
 
@@ -69,25 +70,28 @@ def test_batch_with_padding_equals_rows_alone(models):
         assert min(row[0] for row in stats["compact_positions"]) == -1  # the shorter row has invalid front slots
 
 
-def test_a_decoding_step_reads_the_host_as_often_as_the_baseline(models):
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_a_decoding_step_reads_the_host_as_often_as_the_baseline(models, cache):
     tokenizer, model, _ = models
     ids, video = prompt(tokenizer), random_video(FRAMES, model.get_vision_tower().image_size, seed=3)
+    counts = {}
+    for ratio in (0.0, RATIO):  # the baseline (FastV off) and FastV
+        model.configure_compression(fastv_r=ratio)
+        with HostReads(model, decoding_only=True) as reads:
+            greedy(model, tokenizer, ids, [video], 6, **VARIANTS[cache])
+        counts[ratio] = reads.count
+    assert reads.forwards == 5 and model.last_compression_stats["fastv"]["pruned"]
+    assert counts[RATIO] == counts[0.0]  # 0 on transformers 5.23; 5.4 reads the mask once per dynamic step
 
-    def per_step() -> int:
-        counts = []
-        for steps in (5, 9):
-            with HostReads() as mode:
-                greedy(model, tokenizer, ids, [video], steps, cache_implementation="static")
-            counts.append(mode.count)
-        return counts[1] - counts[0]
 
-    fastv = per_step()
-    model.configure_compression(fastv_r=0.0)
-    try:
-        baseline = per_step()
-    finally:
-        model.configure_compression(fastv_r=RATIO)
-    assert fastv == baseline
+def test_a_dynamic_cache_grows_past_the_planned_length(models, monkeypatch):
+    tokenizer, model, _ = models
+    ids, video = prompt(tokenizer), random_video(FRAMES, model.get_vision_tower().image_size, seed=3)
+    expected_tokens, expected_logits = greedy(model, tokenizer, ids, [video], STEPS)
+    monkeypatch.setattr(compression_mixin, "new_token_budget", lambda *args: 1)  # plan 1 token, decode 8
+    tokens, logits = greedy(model, tokenizer, ids, [video], STEPS)
+    assert torch.equal(tokens, expected_tokens)
+    torch.testing.assert_close(logits, expected_logits, rtol=1e-5, atol=1e-5)
 
 
 def test_prompts_without_video_run_the_stock_model(models):

@@ -50,7 +50,8 @@ def test_frames_show_the_motion(sample_path):
 
 
 def test_more_frames_than_the_video_repeats_indices_like_lmms_eval(sample_path):
-    frames, info = load_video(sample_path, 100)
+    with pytest.warns(UserWarning, match=rf"has {NUM_FRAMES} frames and 100 were requested: frames repeat"):
+        frames, info = load_video(sample_path, 100)
     assert frames.shape[0] == 100
     assert info.indices == tuple(np.linspace(0, NUM_FRAMES - 1, 100, dtype=int).tolist())
     assert np.array_equal(frames[0], frames[1])  # indices 0, 0

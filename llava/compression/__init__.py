@@ -1,11 +1,36 @@
-"""Training-free video-token compression: the shared interface, DyCoke TTM, VidCom2, token layout."""
+"""Training-free video-token compression.
+
+Before the language model (on one video's pooled features): :class:`TemporalTokenMerging` (DyCoke's TTM) and
+:class:`VidCom2`, behind :class:`VideoTokenCompressor`, laid out by :func:`assemble_video_tokens`.
+While decoding (in the decoder layers, with per-generation state in the cache): :class:`DyCokeKV` (DyCoke's
+dynamic KV pruning) and :class:`FastV`, behind :class:`DecodeCompressor`. Settings: :mod:`.settings`.
+"""
 
 from .base import KeepAll, TokenSelection, VideoTokenCompressor, keep_all
+from .decoding import (
+    CompressionDynamicCache,
+    CompressionStaticCache,
+    DecodeCompressor,
+    DecodeState,
+    GenerationInputs,
+    make_generation_cache,
+)
+from .dycoke_kv import DyCokeKV
+from .fastv import FastV
 from .layout import NEWLINE_POSITIONS, VideoTokens, assemble_video_tokens, video_token_layout
+from .settings import CompressionSettings, check_setting, settings_from_kwargs
 from .ttm import TemporalTokenMerging
 from .vidcom2 import VidCom2
 
 __all__ = [
+    "CompressionDynamicCache",
+    "CompressionSettings",
+    "CompressionStaticCache",
+    "DecodeCompressor",
+    "DecodeState",
+    "DyCokeKV",
+    "FastV",
+    "GenerationInputs",
     "KeepAll",
     "NEWLINE_POSITIONS",
     "TemporalTokenMerging",
@@ -14,6 +39,9 @@ __all__ = [
     "VideoTokenCompressor",
     "VideoTokens",
     "assemble_video_tokens",
+    "check_setting",
     "keep_all",
+    "make_generation_cache",
+    "settings_from_kwargs",
     "video_token_layout",
 ]

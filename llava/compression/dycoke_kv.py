@@ -30,6 +30,7 @@ Those steps then run over the full cache with a mask hiding the inactive video t
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -80,6 +81,13 @@ class DyCokeKV(DecodeCompressor):
         layout = _VideoLayout.from_mask(prunable, inputs.attention_mask, self.ratio)
         if not any(layout.video_counts):
             return None
+        if not all(layout.keep_counts):
+            warnings.warn(
+                f"dycoke_p={self.ratio} keeps int(n * (1 - p)) = 0 of the n video tokens active "
+                f"(n = {min(layout.video_counts)}): layers >= {self.layer} decode without seeing the video. "
+                "Use a smaller dycoke_p.",
+                stacklevel=4,
+            )
         return DyCokeKVState(self, inputs, layout)
 
 
@@ -296,7 +304,7 @@ class DyCokeKVState(DecodeState):
             self.src_offsets, self.dst_offsets = offsets * source_length, offsets * capacity
             self.src_rows = torch.zeros(batch * heads * self.keep, dtype=torch.long, device=keys.device)
             self.dst_rows = torch.zeros_like(self.src_rows)
-            mark_static(self.src_rows, self.dst_rows)
+            mark_static(self.src_rows, self.dst_rows, self.src_offsets, self.dst_offsets)
         other_rows = (self.src_offsets + self.layout.other_index[:, None, :]).reshape(-1)
         copies = []
         for full in (keys, values):
@@ -308,20 +316,21 @@ class DyCokeKVState(DecodeState):
 
     def _grow(self, decoded_capacity: int) -> None:
         """Room for more decoded tokens than planned (a dynamic cache, eager decoding)."""
-        grow = lambda t, dim, fill: torch.cat([t, t.new_full((*t.shape[:dim], decoded_capacity - t.shape[dim], *t.shape[dim + 1 :]), fill)], dim)
-        self.recomputed = grow(self.recomputed, 1, False)
-        self.similarity = grow(self.similarity, 1, math.nan)
-        self.entered = grow(self.entered, 1, 0)
+        self.recomputed = _extended(self.recomputed, 1, decoded_capacity, False)
+        self.similarity = _extended(self.similarity, 1, decoded_capacity, math.nan)
+        self.entered = _extended(self.entered, 1, decoded_capacity, 0)
         if self.history is not None:
-            self.history = grow(self.history, 1, 0)
+            self.history = _extended(self.history, 1, decoded_capacity, 0)
         self.key_valid.grow(decoded_capacity)
         self.pruned_mask.grow(decoded_capacity)
         if self.copies:
-            old = next(iter(self.copies.values()))[0].shape[2]
+            old_capacity = next(iter(self.copies.values()))[0].shape[2]
             capacity = 1 + self.others + self.keep + decoded_capacity
             for layer_idx, (keys, values, full_keys, full_values) in self.copies.items():
-                self.copies[layer_idx] = (grow(keys, 2, 0), grow(values, 2, 0), full_keys, full_values)
-            self.dst_offsets = self.dst_offsets // old * capacity
+                self.copies[layer_idx] = (
+                    _extended(keys, 2, capacity, 0), _extended(values, 2, capacity, 0), full_keys, full_values
+                )
+            self.dst_offsets = self.dst_offsets // old_capacity * capacity
 
     # ---- statistics ----------------------------------------------------------------------------------------------
 
@@ -350,6 +359,13 @@ class DyCokeKVState(DecodeState):
             return []
         keep = self.layout.keep_counts[row]
         return [positions[:keep].sort().values for positions in self.history[row, : int(self.step)].cpu()]
+
+
+def _extended(tensor: torch.Tensor, dim: int, size: int, fill) -> torch.Tensor:
+    """``tensor`` with dimension ``dim`` extended to ``size`` entries, the new ones ``fill``."""
+    shape = list(tensor.shape)
+    shape[dim] = size - tensor.shape[dim]
+    return torch.cat([tensor, tensor.new_full(shape, fill)], dim=dim)
 
 
 def _membership(index: torch.Tensor, width: int) -> torch.Tensor:

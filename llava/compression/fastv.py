@@ -26,6 +26,7 @@ sequence (the last one, the one generate reads, is exact): FastV is an inference
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -63,6 +64,13 @@ class FastV(DecodeCompressor):
         layout = _Layout.from_mask(inputs.prunable, self.ratio)
         if not layout.drops_any:
             return None
+        if not all(keep for keep, count in zip(layout.keep_counts, layout.video_counts) if count):
+            warnings.warn(
+                f"fastv_r={self.ratio} keeps round(n * (1 - r)) = 0 of the n video tokens "
+                f"(n = {min(c for c in layout.video_counts if c)}): layers >= {self.layer} never see the video. "
+                "Use a smaller fastv_r.",
+                stacklevel=4,
+            )
         return FastVState(self, inputs, layout)
 
 
@@ -124,6 +132,9 @@ class FastVState(DecodeState):
     def begin_step(self, cache) -> None:
         self.slot.copy_(self.step)
         self.step.add_(1)
+        decoded = cache.layers[0].get_mask_sizes(1)[0] - self.prefill_length  # a Python int, from shapes
+        if self.layout.width + decoded > self.decode_mask.capacity:  # a dynamic cache longer than planned
+            self.decode_mask.grow(decoded + 256)
         self.decode_mask.mark_decoded(self.slot)
 
     def observe(self, decoder_layer, layer_idx: int, inputs: LayerInputs, cache) -> None:

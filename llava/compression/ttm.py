@@ -6,6 +6,8 @@ bugs fixed (see :class:`TemporalTokenMerging`).
 
 from __future__ import annotations
 
+import warnings
+
 from typing import Any
 
 import torch
@@ -73,6 +75,12 @@ class TemporalTokenMerging(VideoTokenCompressor):
             return keep_all(num_frames, tokens_per_frame, device)
 
         n = self.tokens_kept_per_pruned_frame(tokens_per_frame)
+        if n == 0:
+            warnings.warn(
+                f"dycoke_k={self.k} keeps int((1 - k) * {tokens_per_frame}) = 0 tokens of each merged frame: "
+                f"{len(pairs)} of the {num_frames} frames reach the language model empty. Use a smaller dycoke_k.",
+                stacklevel=3,
+            )
         pruned, reference = (torch.tensor(col, dtype=torch.long, device=device) for col in zip(*pairs))
 
         feats = features.float()

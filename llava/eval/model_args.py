@@ -1,4 +1,5 @@
-"""What our lmms-eval wrappers add to the stock ones: model-arg checks, compression args, ``device=cpu``.
+"""What our lmms-eval wrappers add to the stock ones: model-arg checks, compression args, ``device=cpu``,
+``on_video_error`` (see ``video_errors``).
 
 The stock ``llava_onevision`` / ``llava_vid`` wrappers do all the work (video reading, frame sampling,
 prompts, generation); a subclass only reshapes the model args before the stock ``__init__`` and hands the
@@ -15,21 +16,27 @@ import torch
 from loguru import logger  # lmms-eval's logger: shown at its --verbosity
 
 from llava.compression.settings import SETTING_NAMES, pop_compression_kwargs, settings_from_kwargs
+from llava.eval.video_errors import check_policy
+from llava.model.builder import local_checkpoint, looks_like_hub_id
+
+# Model args the wrapper itself consumes, with their defaults.
+WRAPPER_ARGS = {"on_video_error": "warn"}
 
 
 @dataclass
 class WrapperArgs:
-    """Model args split into the stock wrapper's own and the extras for ``load_pretrained_model``."""
+    """Model args split into the stock wrapper's own, the extras for ``load_pretrained_model`` and ours."""
 
     stock: dict
     loader: dict = field(default_factory=dict)
     compression: dict = field(default_factory=dict)
+    wrapper: dict = field(default_factory=lambda: dict(WRAPPER_ARGS))
 
 
 def valid_names(stock_init, extra: tuple[str, ...]) -> list[str]:
     params = inspect.signature(stock_init).parameters.values()
     own = [p.name for p in params if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
-    return sorted(set(own) | set(extra) | set(SETTING_NAMES))
+    return sorted(set(own) | set(extra) | set(SETTING_NAMES) | set(WRAPPER_ARGS))
 
 
 def split_model_args(model: str, stock_init, kwargs: dict, extra: tuple[str, ...] = ()) -> WrapperArgs:
@@ -43,10 +50,25 @@ def split_model_args(model: str, stock_init, kwargs: dict, extra: tuple[str, ...
         )
     compression = pop_compression_kwargs(kwargs)
     try:
-        settings_from_kwargs(compression).validate()  # early, before a possibly long model load
+        settings_from_kwargs(compression)  # early, before a possibly long model load
     except ValueError as error:
         raise ValueError(f"--model {model}: invalid model arg: {error}") from None
-    return WrapperArgs(stock=kwargs, compression=compression)
+    wrapper = {name: kwargs.pop(name, default) for name, default in WRAPPER_ARGS.items()}
+    check_policy(model, wrapper["on_video_error"])
+    return WrapperArgs(stock=kwargs, compression=compression, wrapper=wrapper)
+
+
+def check_pretrained(model: str, pretrained) -> None:
+    """A local-looking ``pretrained`` must be a checkpoint folder: said here, before the stock wrapper's traceback."""
+    if pretrained is None or looks_like_hub_id(pretrained):
+        return
+    try:
+        local_checkpoint(pretrained)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(
+            f"--model {model}: pretrained={pretrained}: {error} Pass a checkpoint folder (absolute, or relative to "
+            "the folder lmms-eval runs in) or a hub id such as lmms-lab/llava-onevision-qwen2-7b-ov."
+        ) from None
 
 
 def is_cpu(args: dict) -> bool:
@@ -87,6 +109,7 @@ def require_cuda(model: str) -> None:
 def prepare(model: str, stock_init, kwargs: dict, loader_args: tuple[str, ...] = ()) -> WrapperArgs:
     """All checks and rewrites before the stock ``__init__``; ``loader_args`` go to the loader only."""
     args = split_model_args(model, stock_init, kwargs, extra=loader_args)
+    check_pretrained(model, args.stock.get("pretrained"))
     for name in loader_args:
         if name in args.stock:
             args.loader[name] = args.stock.pop(name)
@@ -136,5 +159,6 @@ def init_through_stock(
             f"The installed lmms-eval's {model} wrapper did not call load_pretrained_model; "
             "this plugin supports lmms-eval 0.7.x."
         )
+    wrapper.watch_video_errors(model, args.wrapper["on_video_error"])
     if args.compression:
         logger.info(f"{model}: video-token compression {wrapper.model.compression.as_dict()}")

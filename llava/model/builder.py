@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
+from llava.model.checkpoint_files import check_tokenizer_files, compare_weights, read_json, stored_shapes, weight_files
 from llava.model.image_processor import SigLipImageProcessor
 from llava.model.language_model.llava_qwen import LlavaQwenConfig, LlavaQwenForCausalLM, config_from_dict
 from llava.model.vision_tower import resolve_tower_folder
@@ -22,15 +22,28 @@ ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
 FROM_PRETRAINED_KWARGS = ("low_cpu_mem_usage", "max_memory", "offload_folder", "revision", "cache_dir", "local_files_only", "trust_remote_code")
 
 
+def looks_like_hub_id(model_path: str | os.PathLike) -> bool:
+    """``owner/name`` that is not an existing path and is not written as one (``./x``, ``/x``, ``~/x``)."""
+    text = str(model_path)
+    return not Path(text).expanduser().exists() and not text.startswith((".", "/", "~")) and text.count("/") == 1
+
+
+def local_checkpoint(model_path: str | os.PathLike) -> Path:
+    """The checkpoint folder ``model_path`` names; FileNotFoundError naming it if it is not one."""
+    path = Path(model_path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"Model path {model_path!s} does not exist: it is not a checkpoint folder nor a hub id (owner/name).")
+    if not path.is_dir():
+        raise FileNotFoundError(f"Model path {model_path!s} is a file, not a checkpoint folder.")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} has no config.json: not a LLaVA checkpoint folder.")
+    return path
+
+
 def resolve_checkpoint(model_path: str | os.PathLike) -> Path:
     """A local folder as is; otherwise a hub id, fetched (or taken from the local hub cache)."""
-    path = Path(model_path).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path} has no config.json: not a LLaVA checkpoint folder.")
-        return path
-    if path.exists() or str(model_path).startswith((".", "/", "~")) or str(model_path).count("/") != 1:
-        raise FileNotFoundError(f"Model path {model_path!s} is not a checkpoint folder nor a hub id (owner/name).")
+    if not looks_like_hub_id(model_path):
+        return local_checkpoint(model_path)
     from huggingface_hub import snapshot_download
 
     patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken"]
@@ -100,8 +113,7 @@ def _apply_customized_config(config: LlavaQwenConfig, customized_config) -> Llav
     if customized_config is None:
         return config
     if isinstance(customized_config, (str, os.PathLike)):
-        with open(customized_config) as f:
-            updates = json.load(f)
+        updates = read_json(customized_config)
     elif isinstance(customized_config, dict):
         updates = customized_config
     else:
@@ -124,7 +136,24 @@ def _check_weights(info: dict, tied: bool) -> None:
     if mismatched:
         problems.append(f"weights with the wrong shape: {mismatched}")
     if problems:
-        raise ValueError("The checkpoint does not match the model: " + "; ".join(problems))
+        raise ValueError(
+            "The checkpoint does not match the model: " + "; ".join(problems) + ". Check that config.json (and any "
+            "overwrite_config / customized_config) belongs to these weights, or download the checkpoint again."
+        )
+
+
+def _check_files_before_loading(folder: Path, config: LlavaQwenConfig) -> None:
+    """Names, shapes and readability of the stored weights, from the safetensors headers, before loading any.
+
+    The expected names and shapes come from the model built on the meta device (no memory, no init).
+    """
+    files = weight_files(folder)
+    if not files:
+        return  # not a safetensors checkpoint: transformers loads (or rejects) it
+    stored = stored_shapes(files)
+    with torch.device("meta"):
+        expected = {name: tuple(t.shape) for name, t in LlavaQwenForCausalLM(config).state_dict().items()}
+    _check_weights(compare_weights(stored, expected), bool(getattr(config, "tie_word_embeddings", False)))
 
 
 def load_pretrained_model(
@@ -157,29 +186,32 @@ def load_pretrained_model(
     extra = {k: kwargs.pop(k) for k in list(kwargs) if k in FROM_PRETRAINED_KWARGS}
     if kwargs:
         raise TypeError(f"load_pretrained_model got unknown keyword argument(s) {sorted(kwargs)}.")
+    dtype = _resolve_dtype(torch_dtype, load_8bit, load_4bit)
+    quantization = _quantization_config(load_8bit, load_4bit)
 
     folder = resolve_checkpoint(model_path)
-    with open(folder / "config.json") as f:
-        config = config_from_dict(json.load(f), folder)
+    config = config_from_dict(read_json(folder / "config.json"), folder)
     config = _apply_customized_config(config, customized_config)
     for key, value in (overwrite_config or {}).items():
         setattr(config, key, value)
 
-    dtype = _resolve_dtype(torch_dtype, load_8bit, load_4bit)
+    # Cheap parts first, so that a broken file fails fast, before gigabytes of weights are read.
+    tokenizer = _load_tokenizer(folder, config)
+    image_processor = _image_processor(config, folder)
+    _check_files_before_loading(folder, config)
     model, info = LlavaQwenForCausalLM.from_pretrained(
         folder,
         config=config,
         dtype=dtype,
         device_map=_resolve_device_map(device_map),
         attn_implementation=attn_implementation,
-        quantization_config=_quantization_config(load_8bit, load_4bit),
+        quantization_config=quantization,
         output_loading_info=True,
         **extra,
     )
     _check_weights(info, bool(getattr(config, "tie_word_embeddings", False)))
     model.eval()
 
-    tokenizer = AutoTokenizer.from_pretrained(folder, config=config)
     if getattr(config, "mm_use_im_patch_token", True) or getattr(config, "mm_use_im_start_end", False):
         from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_PATCH_TOKEN
 
@@ -191,7 +223,6 @@ def load_pretrained_model(
         if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
             model.resize_token_embeddings(len(tokenizer))
 
-    image_processor = _image_processor(config, folder)
     model.get_vision_tower().image_processor = image_processor
     model.configure_compression(**compression)
 
@@ -201,9 +232,21 @@ def load_pretrained_model(
     return tokenizer, model, image_processor, 2048
 
 
+def _load_tokenizer(folder: Path, config: LlavaQwenConfig):
+    check_tokenizer_files(folder)
+    try:
+        return AutoTokenizer.from_pretrained(folder, config=config)
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"The tokenizer files in {folder} cannot be loaded ({error}); download the checkpoint again "
+            "or copy tokenizer.json, vocab.json, merges.txt and tokenizer_config.json from the original."
+        ) from error
+
+
 def _image_processor(config: LlavaQwenConfig, folder: Path) -> SigLipImageProcessor:
     tower_folder = resolve_tower_folder(config.mm_vision_tower, folder)
     if tower_folder is not None and (tower_folder / "preprocessor_config.json").is_file():
+        read_json(tower_folder / "preprocessor_config.json")  # invalid JSON: an error that names the file
         return SigLipImageProcessor.from_pretrained(tower_folder)
     size = int(config.mm_vision_tower_config["image_size"])
     return SigLipImageProcessor(size={"height": size, "width": size}, crop_size={"height": size, "width": size})

@@ -14,11 +14,12 @@ from __future__ import annotations
 import logging
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from llava.compression.base import TokenSelection
 from llava.compression.layout import assemble_video_tokens
 from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from llava.mm_utils import get_anyres_image_grid_shape
@@ -84,6 +85,23 @@ class MultimodalInputs:
     labels: torch.Tensor  # (B, S)
     video_token_mask: torch.Tensor  # (B, S) bool: True at video feature tokens (not newlines)
     visual_token_count: int  # all visual tokens (image and video, newlines included) over the batch
+    videos: list[VideoRecord] = field(default_factory=list)  # what the video compressor did, per video
+
+
+@dataclass
+class VideoRecord:
+    """One video's pooled features and the compressor's choice (None: every token kept)."""
+
+    pooled: torch.Tensor  # (F, N, D)
+    selection: TokenSelection | None
+
+    @property
+    def tokens_before(self) -> int:
+        return self.pooled.shape[0] * self.pooled.shape[1]
+
+    @property
+    def tokens_after(self) -> int:
+        return self.tokens_before if self.selection is None else self.selection.num_kept
 
 
 class LlavaMetaForCausalLM:
@@ -124,8 +142,8 @@ class LlavaMetaForCausalLM:
             raise ValueError(f"Unknown mm_spatial_pool_mode {mode!r}; allowed: {', '.join(POOL_MODES)}.")
         return pooled.permute(0, 2, 3, 1).reshape(frames, -1, dim)
 
-    def _video_tokens(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Projected frame features (F, patches, D) -> (tokens (M, D), video-token mask (M,))."""
+    def _video_tokens(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, VideoRecord]:
+        """Projected frame features (F, patches, D) -> (tokens (M, D), video-token mask (M,), record)."""
         pooled = self.get_2dPool(features)
         side = math.isqrt(pooled.shape[1])
         position = getattr(self.config, "mm_newline_position", "one_token")
@@ -137,15 +155,15 @@ class LlavaMetaForCausalLM:
         newline = None if without_newline else self.get_model().image_newline
         compressor = self.video_compressor()
         selection = compressor.select(pooled) if compressor is not None else None
-        self._record_video_compression(pooled, selection)
-        return assemble_video_tokens(pooled, selection, newline, position, (side, side))
+        tokens, video_mask = assemble_video_tokens(pooled, selection, newline, position, (side, side))
+        return tokens, video_mask, VideoRecord(pooled.detach(), selection)
 
     def video_compressor(self):
         """The compressor applied to pooled video features before the LM, or None. Overridden when compression is on."""
         return None
 
-    def _record_video_compression(self, pooled: torch.Tensor, selection) -> None:
-        """Hook for statistics about what the video compressor did (see the compression mixin)."""
+    def _multimodal_inputs_built(self, mm: MultimodalInputs) -> None:
+        """Hook called with every spliced prompt (statistics, tracing: see the compression mixin)."""
 
     def _image_tokens(self, features: torch.Tensor, image_size) -> torch.Tensor:
         """Projected features of one image (tiles, patches, D) -> (M, D) tokens, LLaVA-NeXT's anyres packing."""
@@ -186,12 +204,11 @@ class LlavaMetaForCausalLM:
         return torch.cat((base, canvas.flatten(1, 2).transpose(0, 1)))
 
     def encode_visual_items(self, images, modalities, image_sizes):
-        """One (tokens, video-token mask) per image/video, in the order the placeholders appear."""
+        """One (tokens, video-token mask, VideoRecord or None) per image/video, in the order the placeholders appear."""
         items = _as_item_list(images)
         modalities = _expand_modalities(modalities, len(items))
         tower = self.get_vision_tower()
-        for index, (item, modality) in enumerate(zip(items, modalities)):
-            _check_pixels(item, modality, index, tower.image_size)
+        _check_pixels(items, modalities, tower.image_size)
         features = self.encode_images(torch.cat(items))
         features = torch.split(features, [item.shape[0] for item in items])
         results = []
@@ -201,7 +218,7 @@ class LlavaMetaForCausalLM:
             else:
                 size = image_sizes[index] if image_sizes is not None and index < len(image_sizes) else None
                 tokens = self._image_tokens(feature, size)
-                results.append((tokens, torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)))
+                results.append((tokens, torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device), None))
         return results
 
     # -- splicing --------------------------------------------------------------------------------
@@ -247,7 +264,7 @@ class LlavaMetaForCausalLM:
                 piece_labels.append(row_label[start:stop])
                 piece_video.append(torch.zeros(stop - start, dtype=torch.bool, device=device))
                 if i < len(cuts):
-                    tokens, video_mask = visual[item]
+                    tokens, video_mask, _ = visual[item]
                     item += 1
                     pieces.append(tokens.to(device=device, dtype=text.dtype))
                     piece_labels.append(torch.full((tokens.shape[0],), IGNORE_INDEX, dtype=row_label.dtype, device=device))
@@ -263,7 +280,10 @@ class LlavaMetaForCausalLM:
                 "LLaVA-NeXT does. Use fewer frames or a smaller image.", max(r.shape[0] for r in rows), limit
             )
             rows, row_labels, row_video = ([x[:limit] for x in seq] for seq in (rows, row_labels, row_video))
-        return _pad_rows(rows, row_labels, row_video, padding_side, sum(t.shape[0] for t, _ in visual))
+        mm = _pad_rows(rows, row_labels, row_video, padding_side, sum(item[0].shape[0] for item in visual))
+        mm.videos = [record for _, _, record in visual if record is not None]
+        self._multimodal_inputs_built(mm)
+        return mm
 
     def prepare_inputs_labels_for_multimodal(
         self, input_ids, position_ids, attention_mask, past_key_values, labels, images, modalities=("image",), image_sizes=None
@@ -311,13 +331,36 @@ def _expand_modalities(modalities, count: int) -> list[str]:
     return modalities[:count]
 
 
-def _check_pixels(item: torch.Tensor, modality: str, index: int, image_size: int) -> None:
-    kind = "video" if modality == "video" else "image"
-    expected = f"(frames, 3, {image_size}, {image_size})" if kind == "video" else f"(tiles, 3, {image_size}, {image_size})"
-    if item.ndim != 4 or item.shape[1] != 3 or tuple(item.shape[-2:]) != (image_size, image_size):
-        raise ValueError(f"{kind} {index} must be a tensor of shape {expected}; got {tuple(item.shape)}.")
-    if item.shape[0] == 0:
-        raise ValueError(f"{kind} {index} has zero {'frames' if kind == 'video' else 'tiles'}.")
+def _check_pixels(items: list[torch.Tensor], modalities: list[str], image_size: int) -> None:
+    """Every item must be model-ready pixel values: float, (P, 3, S, S), at least one frame/tile, finite.
+
+    Integer tensors are raw 0-255 frames, which the model would silently take as pixel values; NaN or inf
+    pixels make every logit NaN. Both are a ValueError naming the item and how to preprocess it.
+    """
+    fixes = {
+        "video": 'Preprocess the frames: image_processor.preprocess(frames, return_tensors="pt")["pixel_values"].',
+        "image": "Preprocess the images: llava.mm_utils.process_images(images, image_processor, model.config).",
+    }
+    kinds = ["video" if modality == "video" else "image" for modality in modalities]
+    for index, (item, kind) in enumerate(zip(items, kinds)):
+        if not item.is_floating_point():
+            raise ValueError(
+                f"{kind} {index} has dtype {item.dtype}: raw 0-255 pixels, not model-ready pixel values. {fixes[kind]}"
+            )
+        unit = "frames" if kind == "video" else "tiles"
+        if item.ndim != 4 or item.shape[1] != 3 or tuple(item.shape[-2:]) != (image_size, image_size):
+            raise ValueError(
+                f"{kind} {index} must be a tensor of shape ({unit}, 3, {image_size}, {image_size}); got {tuple(item.shape)}."
+            )
+        if item.shape[0] == 0:
+            raise ValueError(f"{kind} {index} has zero {unit}.")
+    if not items:
+        return
+    # One flag per item, read from the device once for the whole call.
+    finite = torch.stack([torch.isfinite(item).all().to(items[0].device) for item in items])
+    if not bool(finite.all()):
+        index = int((~finite).nonzero()[0])
+        raise ValueError(f"{kinds[index]} {index} has NaN or infinite pixel values. {fixes[kinds[index]]}")
 
 
 def _pad_rows(rows, row_labels, row_video, padding_side: str, visual_count: int) -> MultimodalInputs:

@@ -12,7 +12,6 @@ checkpoints use.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -20,6 +19,8 @@ import torch
 from torch import nn
 from transformers import SiglipVisionConfig
 from transformers.models.siglip.modeling_siglip import SiglipEncoder, SiglipVisionEmbeddings
+
+from llava.model.checkpoint_files import read_json
 
 # google/siglip-so400m-patch14-384 as published (vision part). Known here so that loading a LLaVA
 # checkpoint, which already contains the tower's weights, never needs the hub.
@@ -64,8 +65,7 @@ def published_tower_config(name: str, checkpoint_dir: str | os.PathLike | None =
     """
     folder = resolve_tower_folder(name, checkpoint_dir)
     if folder is not None:
-        with open(folder / "config.json") as f:
-            return _vision_fields(json.load(f))
+        return _vision_fields(read_json(folder / "config.json"))
     key = name.rstrip("/")
     if key in KNOWN_TOWERS:
         return dict(KNOWN_TOWERS[key])
