@@ -2,11 +2,15 @@
 
 Used by the command-line tool and the benchmark. ``GenerationTimer`` is a transformers streamer: generate
 calls ``put`` once with the prompt and once per new token, which gives a timestamp per token. A streamer
-copies each token to the host, so it is for measurement, not for the default path.
+copies each token to the host, so it is for measurement, not for the default path. The intervals between
+consecutive tokens are the decoding steps (``GenerationTiming.step_seconds``; their median is robust to a step
+disturbed by something else running on the machine).
 """
 
 from __future__ import annotations
 
+import itertools
+import statistics
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -48,7 +52,13 @@ class GenerationTiming:
     total_s: float
     new_tokens: int
     peak_memory_bytes: int | None = None
+    step_seconds: list[float] = field(default_factory=list)  # intervals between consecutive new tokens
     extra: dict = field(default_factory=dict)
+
+    @property
+    def median_step_s(self) -> float | None:
+        """Median decoding step: the median interval between consecutive tokens (None with fewer than 2 tokens)."""
+        return statistics.median(self.step_seconds) if self.step_seconds else None
 
     @property
     def prefill_s(self) -> float:
@@ -89,5 +99,6 @@ def timed_generate(model, input_ids, **generate_kwargs) -> tuple[torch.Tensor, G
         total_s=end - timer.start,
         new_tokens=len(times),
         peak_memory_bytes=memory["peak_bytes"],
+        step_seconds=[later - earlier for earlier, later in itertools.pairwise(times)],
     )
     return output, timing

@@ -1,40 +1,70 @@
-"""Benchmark baseline vs DyCoke vs VidCom2 on the same video, in one process.
+"""Benchmark baseline, DyCoke, DyCoke's merging alone, VidCom2 and FastV on the same video, in one process,
+with eager decoding and with compiled decoding, in the two regimes of DyCoke's active set.
 
-    python scripts/benchmark.py                                   # --config cpu-small, sdpa (CPU, 2-3 min)
-    python scripts/benchmark.py --attn sdpa eager                 # cpu-small with both backends (~10 min on 2 cores)
-    python scripts/benchmark.py --config ov-7b                    # CUDA: real LLaVA-OV-7B sizes, random bf16 weights
-    python scripts/benchmark.py --config ov-0.5b --runs 5 --methods baseline,dycoke,dycoke-ttm
+    python scripts/benchmark.py --config cpu-small --threads 1            # CPU: every method, mode and regime (8-11 min, 2 cores)
+    python scripts/benchmark.py --config cpu-small --modes eager --regimes kept --runs 1   # a quick look
+    python scripts/benchmark.py --config ov-7b                            # CUDA: real LLaVA-OV-7B sizes, random bf16 weights
+    python scripts/benchmark.py --config ov-0.5b --methods baseline,dycoke,dycoke-ttm
 
-For every attention backend (``--attn``; default ``sdpa eager`` on CUDA configs, ``sdpa`` on CPU configs, where
-eager attention is several times slower than sdpa's fused kernel and would triple the run time) and method
-(``--methods``) it measures, as the median of ``--runs`` runs after ``--warmup`` warm-up runs:
+What is compared, every combination measured in the same process:
 
-- vision ms: ``build_multimodal_inputs`` (tower, projector, pooling, compression, splicing into the prompt);
-- prefill ms: the LM forward over the spliced prompt embeddings (batch 1, logits for the last token only);
-- TTFT ms: time to the first token of ``model.generate`` (vision + prefill + first sampling step);
-- decode ms/step at batch 1 and batch 8: a manual greedy loop of ``--decode-steps`` steps over a ``DynamicCache``
-  after the prefill. ``model._begin_compression(mm)`` is called before the prefill, exactly as ``generate`` does,
-  so DyCoke's KV pruning runs in the loop. Batch 8 is the same prompt 8 times, prefilled once per method (set-up,
-  not timed; always with sdpa, since an eager batch-8 prefill of a 6k-token prompt needs over 50 GB for its score
-  matrices at 7B); its loop then runs ``--warmup`` + ``--runs`` windows of ``--decode-steps`` steps, and the
-  median of the measured windows is reported;
-- e2e ms: ``model.generate`` for a short and a long answer (16 and 128 tokens; ``min_new_tokens ==
-  max_new_tokens``, so EOS cannot end it early);
-- peak memory during the long ``generate``: on CUDA ``torch.cuda.max_memory_allocated`` (weights included);
-  on CPU the peak resident-set increase over the RSS before the call (weights excluded; Linux only, else n/a);
-- prefill TFLOP/s = (2 * P * T + 2 * n_layers * T^2 * n_heads * head_dim) / prefill time, where P counts the
-  decoder-layer parameters (embeddings and lm_head excluded: prefill computes logits for one token), T is the
-  spliced prompt length, and the attention term is causal QK^T plus AV (half of the full T x T products);
-- decode GB/s = (bytes of decoder-layer and lm_head weights + bytes of the K/V entries attention reads, at the
-  mean context length of the loop) / step time. With DyCoke's KV pruning, layers >= L read the non-image
-  keys plus the int(n_img * (1 - p)) active image keys. Copies the cache makes (``torch.cat``) are not counted.
+- methods (``--methods``): ``baseline``, ``dycoke`` (TTM k=0.7 + KV pruning L=3, p=0.7), ``dycoke-ttm`` (DyCoke's
+  merging alone, p=0: isolates what the KV pruning does to a decoding step), ``vidcom2`` (r=0.25), ``fastv``
+  (K=2, R=0.5);
+- decoding modes (``--modes``): ``eager`` (``generate`` with its dynamic cache, no compilation) and ``compiled``
+  (``cache_implementation="static"`` + a ``CompileConfig(fullgraph=True, dynamic=False)`` with
+  ``--compile-backend``: inductor measures real speed, ``eager`` only checks that decoding compiles (quick checks,
+  tests). Mode: transformers' default, "reduce-overhead" = CUDA graphs on CUDA. ``dynamic=False``: every shape
+  (batch, cache length) gets its own specialised graph, so no method runs with a graph specialised for another's;
+  all of them are compiled during the warm-up, and the script checks that nothing compiles while measuring);
+- regimes of DyCoke's active set (``--regimes``), set by scaling the LM's attention logits
+  (``llava.checkpoint_maker.scale_attention_logits``; q/k weights restored exactly afterwards): ``kept`` (the set
+  chosen at the first decoding step stays: what real models mostly do) and ``changing`` (it is recomputed at every
+  step: DyCoke's least favourable regime). With random weights the regime depends on the weights' scale: the CPU
+  configs (initializer_range 0.2) change the set at every step as they are and keep it with logits x0.05; the real
+  sizes (init 0.02) keep it as they are and change it with logits x64. The regime is the same model for every
+  method (the baseline's weights are scaled too). The active-set recomputations DyCoke actually made are printed
+  and stored, so the regime is shown, not assumed;
+- attention backends (``--attn``; default ``sdpa`` on CPU, ``sdpa flash_attention_2`` on CUDA; flash attention is
+  skipped with a note when ``flash-attn`` is not installed).
+
+Measured per (backend, regime, mode, method), as the median of ``--runs`` runs after ``--warmup`` warm-up runs
+(methods interleaved run by run; compiled mode always warms up at least once: compilation is never timed), each
+run being three ``generate`` calls with forced answer lengths (``min_new_tokens == max_new_tokens``):
+
+1. batch 1, ``--short-tokens`` (16) tokens: vision ms (``build_multimodal_inputs``: tower, projector, pooling,
+   compression, splicing), TTFT ms (time to the first token), prefill ms (TTFT - vision: the LM prefill and the
+   first sampling step), e2e 16-token ms (the whole call);
+2. batch 1, ``--long-tokens`` (128) tokens: e2e 128-token ms; decode ms/step at batch 1 = the median interval
+   between consecutive tokens (timestamps from a streamer, ``llava.timing``); peak memory (on CUDA
+   ``torch.cuda.max_memory_allocated``, weights included; on CPU the peak RSS increase over the call, weights
+   excluded, Linux only); DyCoke's recomputations of the active set;
+3. batch 8 (the same prompt and video 8 times), ``--decode-steps`` + 1 tokens: decode ms/step at batch 8 = the
+   median interval between consecutive tokens.
+
+Derived: prefill TFLOP/s = (2 * P * T + 2 * n_layers * T^2 * n_heads * head_dim) / prefill time (P: decoder-layer
+parameters, T: spliced prompt length, causal attention = half the T x T products); decode GB/s = (decoder-layer and
+lm_head weight bytes + bytes of the K/V entries attended, at the mean context of the answer, times the batch) /
+step time, where layers from DyCoke's L (FastV's K) on attend to the non-video tokens plus the active (kept) video
+tokens; the weight-read floor of a decoding step = weight bytes read per step (decoder layers + lm_head) / the
+device's copy bandwidth, measured here by timing large device-to-device copies (read + write bytes / time).
+
+Targets, printed with met / not met (each is evaluated for every config; where it is set for another config the
+line says so, and it is shown for reference):
+
+- cpu-small, kept set: compiled DyCoke decode step <= 1.00x the compiled baseline's at batch 1 and <= 0.80x at
+  batch 8; DyCoke's decode step <= its merging alone's (dycoke-ttm), batch 1 and 8, eager and compiled;
+- ov-0.5b / ov-7b (CUDA, kept set): DyCoke TTFT <= 0.55x the baseline's (eager mode); compiled DyCoke decode step
+  at batch 1 <= 1.3x the weight-read floor; a 128-token answer with compiled DyCoke >= 2x faster end to end than
+  with the eager baseline.
 
 Configs: ``cpu-tiny`` (tests), ``cpu-small`` (CPU default: the checkpoint maker's 'small' preset, saved and
 loaded with ``load_pretrained_model``), ``ov-0.5b`` and ``ov-7b`` (CUDA only: the real LLaVA-OneVision-Qwen2
 sizes with SigLIP so400m, built with random weights directly on the GPU; no downloads, no files).
 
 Writes ``--out`` (JSON, default ``results/benchmark-<config>.json``) and ``figures/benchmark-<config>-latency.png``
-and ``-memory.png``; prints one markdown table per backend and whether the ov-7b targets are met.
+and ``-memory.png``; prints a prefill table per backend, a decoding table per (backend, mode) with a column per
+regime, the observed regimes and the targets.
 """
 
 from __future__ import annotations
@@ -42,6 +72,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import os
 import platform
 import re
 import statistics
@@ -49,7 +80,7 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -59,7 +90,12 @@ try:
 except ImportError:  # run from a source checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llava.checkpoint_maker import TinySpec, make_tiny_checkpoint, tiny_config
+from llava.checkpoint_maker import (
+    TinySpec,
+    make_tiny_checkpoint,
+    scale_attention_logits,
+    tiny_config,
+)
 from llava.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 from llava.timing import synchronize, timed_generate
 
@@ -73,17 +109,27 @@ METHODS = {
     "vidcom2": {"compressor": "vidcom2", "vidcom2_r": 0.25},
     "fastv": {"compressor": "fastv", "fastv_k": 2, "fastv_r": 0.5},
 }
-DEFAULT_METHODS = ("baseline", "dycoke", "vidcom2", "fastv")
-ATTENTION_BACKENDS = ("sdpa", "eager")
-DECODE_BATCH = 8
+DEFAULT_METHODS = tuple(METHODS)
+ATTENTION_BACKENDS = ("sdpa", "eager", "flash_attention_2")
+MODES = ("eager", "compiled")
+MODE_TITLES = {"eager": "eager decoding (dynamic cache)", "compiled": "compiled decoding (static cache + torch.compile)"}
+REGIMES = ("kept", "changing")
+REGIME_TITLES = {"kept": "kept set", "changing": "changing set"}
+BATCHES = (1, 8)
+DECODE_BATCH = BATCHES[-1]
+COMPILE_BACKENDS = ("inductor", "eager")
+SDPA_GQA_ENV = "TRANSFORMERS_SDPA_FORCE_GQA"
 
-# The JSON keys of one method's row, in table order.
-COLUMNS = (
-    "visual_tokens", "vision_ms", "prefill_ms", "ttft_ms", "decode_ms_b1", "decode_ms_b8", "e2e_short_ms",
-    "e2e_long_ms", "peak_memory_mib", "prefill_tflops", "decode_gbs", "ttft_ratio", "e2e_short_ratio",
-    "e2e_long_ratio", "memory_ratio",
+# The numbers every (backend, mode, regime, method) row holds (the tests check each one).
+MEASURED_KEYS = (
+    "vision_ms", "prefill_ms", "ttft_ms", "decode_ms_b1", "decode_ms_b8", "e2e_short_ms", "e2e_long_ms",
 )
-TIMED_KEYS = ("vision_ms", "prefill_ms", "ttft_ms", "decode_ms_b1", "e2e_short_ms", "e2e_long_ms", "peak_memory_mib")
+DERIVED_KEYS = ("prefill_tflops", "decode_gbs_b1", "decode_gbs_b8")
+TOKEN_KEYS = ("prompt_tokens", "visual_tokens", "video_tokens")
+RATIO_KEYS = {  # ratio to the baseline of the same (backend, mode, regime)
+    "ttft_ratio": "ttft_ms", "decode_b1_ratio": "decode_ms_b1", "decode_b8_ratio": "decode_ms_b8",
+    "e2e_short_ratio": "e2e_short_ms", "e2e_long_ratio": "e2e_long_ms", "memory_ratio": "peak_memory_mib",
+}
 
 QUESTION = (
     "Which of the following best describes what happens in the video?\n"
@@ -97,6 +143,13 @@ QUESTION = (
 
 # ---- configurations ------------------------------------------------------------------------------------------
 
+# Scale of the LM's attention logits per regime (see the docstring). initializer_range 0.2 (the checkpoint maker's
+# presets): the weights as they are change the active set at every step; x0.05 keeps it for a whole 128-token answer
+# (x0.1 keeps it over 16 steps but recomputes it 6-8 times in 127 on cpu-small). 0.02 (real sizes): the weights as
+# they are keep it, x64 (q and k x8 each) changes it at every step.
+PRESET_REGIMES = (("kept", 0.05), ("changing", 1.0))
+REAL_SIZE_REGIMES = (("kept", 1.0), ("changing", 64.0))
+
 
 @dataclass(frozen=True)
 class BenchConfig:
@@ -108,10 +161,14 @@ class BenchConfig:
     vocab_size: int | None = None  # real sizes only (checkpoints take theirs from the tokenizer)
     frames: int = 32
     runs: int = 3
-    decode_steps: int = 32
+    decode_steps: int = 16  # decoding steps of the batch-8 answer
     short_tokens: int = 16
     long_tokens: int = 128
-    attn: tuple[str, ...] = ATTENTION_BACKENDS
+    attn: tuple[str, ...] = ("sdpa",)
+    regime_scales: tuple[tuple[str, float], ...] = PRESET_REGIMES
+
+    def scale(self, regime: str) -> float:
+        return dict(self.regime_scales)[regime]
 
 
 def _real_spec(**sizes) -> TinySpec:
@@ -124,28 +181,31 @@ CONFIGS = {
     "cpu-tiny": BenchConfig(
         "the 'tiny' preset (hidden 64, 4 layers), 8 frames of 98px: 16 tokens per frame",
         TinySpec(), real_sizes=False, frames=8, runs=1, decode_steps=4, short_tokens=4, long_tokens=8,
-        attn=("sdpa",),
     ),
     "cpu-small": BenchConfig(
         "the 'small' preset (hidden 256, 8 layers, SigLIP 64-wide), 32 frames of 196px: 49 tokens per frame",
         TinySpec(hidden_size=256, intermediate_size=768, num_hidden_layers=8, num_attention_heads=8,
                  num_key_value_heads=2, vision_hidden_size=64, vision_intermediate_size=128,
                  vision_num_attention_heads=4, vision_published_layers=4, image_size=196),
-        real_sizes=False, runs=3, decode_steps=16, attn=("sdpa",),
+        real_sizes=False, runs=3,
     ),
     "ov-0.5b": BenchConfig(
         "LLaVA-OneVision-Qwen2-0.5B sizes (hidden 896, 24 layers, tied), SigLIP so400m, 32 frames: 196 tokens per frame",
         _real_spec(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                    num_key_value_heads=2, tie_word_embeddings=True),
-        real_sizes=True, vocab_size=151936,
+        real_sizes=True, vocab_size=151936, decode_steps=32, attn=("sdpa", "flash_attention_2"),
+        regime_scales=REAL_SIZE_REGIMES,
     ),
     "ov-7b": BenchConfig(
         "LLaVA-OneVision-Qwen2-7B sizes (hidden 3584, 28 layers), SigLIP so400m, 32 frames: 196 tokens per frame",
         _real_spec(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
                    num_key_value_heads=4, tie_word_embeddings=False),
-        real_sizes=True, vocab_size=152064,
+        real_sizes=True, vocab_size=152064, decode_steps=32, attn=("sdpa", "flash_attention_2"),
+        regime_scales=REAL_SIZE_REGIMES,
     ),
 }
+CPU_TARGET_CONFIGS = ("cpu-small",)
+CUDA_TARGET_CONFIGS = ("ov-0.5b", "ov-7b")
 
 # Qwen2's chat tokens and a few frequent ones, for prompts built without a tokenizer.
 QWEN_IDS = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645, "\n": 198,
@@ -162,15 +222,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--config", default="cpu-small", choices=sorted(CONFIGS))
     parser.add_argument("--attn", nargs="+", choices=ATTENTION_BACKENDS,
-                        help="attention backends of the LM (default: sdpa eager on CUDA configs, sdpa on CPU configs)")
+                        help="attention backends of the LM (default: sdpa on CPU configs, sdpa flash_attention_2 on "
+                             "CUDA configs)")
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                        help=f"comma-separated, from {', '.join(METHODS)} (default: %(default)s)")
+                        help=f"comma-separated, from {', '.join(METHODS)} (default: all)")
+    parser.add_argument("--modes", default=",".join(MODES),
+                        help="comma-separated decoding modes: eager (dynamic cache), compiled (static cache + "
+                             "torch.compile) (default: %(default)s)")
+    parser.add_argument("--regimes", default=",".join(REGIMES),
+                        help="comma-separated regimes of DyCoke's active set: kept, changing (default: %(default)s)")
+    parser.add_argument("--compile-backend", default="inductor", choices=COMPILE_BACKENDS,
+                        help="torch.compile backend of the compiled mode: inductor (real speed) or eager (graph "
+                             "capture only: quick checks and tests) (default: %(default)s)")
+    parser.add_argument("--sdpa-gqa", action="store_true",
+                        help="let sdpa handle grouped-query attention itself on masked calls too "
+                             "(TRANSFORMERS_SDPA_FORCE_GQA=1). By default transformers does so only without a mask, "
+                             "and on every masked call (a static cache's decoding steps, DyCoke's and FastV's masks) "
+                             "first copies K/V once per query head (repeat_kv). On CUDA sdpa may then pick a slower "
+                             "kernel.")
     parser.add_argument("--runs", type=int, help="measured runs per method (default: the config's)")
-    parser.add_argument("--warmup", type=int, default=1, help="warm-up runs before measuring (default 1)")
+    parser.add_argument("--warmup", type=int, default=1,
+                        help="warm-up runs before measuring (default 1; compiled mode always warms up at least once)")
     parser.add_argument("--frames", type=int, help="video frames (default: the config's, 32 for all but cpu-tiny)")
-    parser.add_argument("--decode-steps", type=int, help="steps of the manual decode loops (default: the config's)")
-    parser.add_argument("--short-tokens", type=int, help="length of the short generate (default 16)")
-    parser.add_argument("--long-tokens", type=int, help="length of the long generate (default 128)")
+    parser.add_argument("--decode-steps", type=int,
+                        help="decoding steps of the batch-8 answer (default: the config's, 16 on CPU, 32 on CUDA)")
+    parser.add_argument("--short-tokens", type=int, help="length of the short answer (default 16)")
+    parser.add_argument("--long-tokens", type=int, help="length of the long answer (default 128)")
     parser.add_argument("--device", help="default: cuda for ov-* configs, cpu otherwise")
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
                         help="default: bfloat16 on CUDA, float32 on CPU")
@@ -179,11 +256,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", help="JSON results (default: results/benchmark-<config>.json)")
     parser.add_argument("--figures-dir", default="figures", help="where the PNG figures go (default: figures)")
     parser.add_argument("--from-json", metavar="JSON",
-                        help="measure nothing: print the tables and draw the figures of an earlier run's JSON")
+                        help="measure nothing: print the tables and targets and draw the figures of an earlier "
+                             "run's JSON")
     args = parser.parse_args(argv)
     if not args.from_json:
         resolve_defaults(parser, args)
     return args
+
+
+def _choices(parser, option: str, text: str, allowed) -> list[str]:
+    values = list(dict.fromkeys(v.strip() for v in text.split(",") if v.strip()))
+    unknown = [v for v in values if v not in allowed]
+    if unknown or not values:
+        parser.error(f"{option}: unknown or no value(s) {unknown or text!r}; choose from {', '.join(allowed)}")
+    return values
 
 
 def resolve_defaults(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -194,13 +280,13 @@ def resolve_defaults(parser: argparse.ArgumentParser, args: argparse.Namespace) 
             setattr(args, name, getattr(config, name))
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.long_tokens < 2:
+        parser.error("--long-tokens must be >= 2: the batch-1 decode step is measured between its tokens")
     if args.warmup < 0:
         parser.error(f"--warmup must be >= 0, got {args.warmup}")
-    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in args.methods if m not in METHODS]
-    if unknown or not args.methods:
-        parser.error(f"unknown method(s) {unknown or args.methods}; choose from {', '.join(METHODS)}")
-    args.attn = list(dict.fromkeys(args.attn or config.attn))
+    args.methods = _choices(parser, "--methods", args.methods, METHODS)
+    args.modes = _choices(parser, "--modes", args.modes, MODES)
+    args.regimes = _choices(parser, "--regimes", args.regimes, REGIMES)
     args.device = args.device or ("cuda" if config.real_sizes else "cpu")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -211,22 +297,31 @@ def resolve_defaults(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         )
     if config.real_sizes and device.type != "cuda":
         parser.error(f"--config {args.config} builds the real model sizes and needs a CUDA device, got --device {args.device}.")
+    args.notes = []
+    args.attn = list(dict.fromkeys(args.attn or config.attn))
+    if "flash_attention_2" in args.attn:
+        reason = flash_attention_missing(device)
+        if reason:
+            args.attn.remove("flash_attention_2")
+            args.notes.append(f"flash_attention_2 skipped: {reason}")
+    if not args.attn:
+        parser.error("no attention backend left to measure: " + "; ".join(args.notes))
     args.dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     args.out = args.out or f"results/benchmark-{args.config}.json"
 
 
+def flash_attention_missing(device: torch.device) -> str | None:
+    """Why flash_attention_2 cannot run here (None: it can)."""
+    if device.type != "cuda":
+        return f"it needs a CUDA device, this run is on {device.type}"
+    from transformers.utils import is_flash_attn_2_available
+
+    if not is_flash_attn_2_available():
+        return "the flash-attn package is not installed (pip install flash-attn --no-build-isolation)"
+    return None
+
+
 # ---- model and input -----------------------------------------------------------------------------------------
-
-
-@dataclass
-class Bench:
-    """The model under test and its one input (prompt ids with the placeholder, and the video's pixels)."""
-
-    model: torch.nn.Module
-    prompt_ids: torch.Tensor  # (1, L) with IMAGE_TOKEN_INDEX at the placeholder
-    video: torch.Tensor  # (frames, 3, S, S)
-    pad_token_id: int
-    facts: ModelFacts
 
 
 @dataclass(frozen=True)
@@ -235,12 +330,17 @@ class ModelFacts:
 
     layer_params: int  # decoder layers only
     layer_bytes: int
-    head_bytes: int  # lm_head weight, read once per decode step
+    head_bytes: int  # lm_head weight, read once per decode step (the embedding when tied)
     num_layers: int
     num_heads: int
     num_kv_heads: int
     head_dim: int
     element_bytes: int
+
+    @property
+    def weight_bytes_per_step(self) -> int:
+        """Weights a decoding step reads: the decoder layers and lm_head (an embedding row is negligible)."""
+        return self.layer_bytes + self.head_bytes
 
     @classmethod
     def of(cls, model) -> ModelFacts:
@@ -257,6 +357,17 @@ class ModelFacts:
             head_dim=head_dim,
             element_bytes=weight.element_size(),
         )
+
+
+@dataclass
+class Bench:
+    """The model under test and its one input (prompt ids with the placeholder, and the video's pixels)."""
+
+    model: torch.nn.Module
+    prompt_ids: torch.Tensor  # (1, L) with IMAGE_TOKEN_INDEX at the placeholder
+    video: torch.Tensor  # (frames, 3, S, S)
+    pad_token_id: int
+    facts: ModelFacts
 
 
 def build_bench(args, workdir: Path) -> Bench:
@@ -289,7 +400,10 @@ def loaded_checkpoint_model(config: BenchConfig, attn: str, device: str, dtype: 
 
 def random_real_size_model(config: BenchConfig, attn: str, device: str, dtype: torch.dtype, seed: int):
     """``LlavaQwenForCausalLM`` at the real sizes, random weights initialised directly on the device."""
-    from llava.model.language_model.llava_qwen import LlavaQwenForCausalLM, config_from_dict
+    from llava.model.language_model.llava_qwen import (
+        LlavaQwenForCausalLM,
+        config_from_dict,
+    )
 
     special = {name: QWEN_IDS[name] for name in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")}
     raw = tiny_config(config.spec, config.vocab_size, special)
@@ -334,35 +448,8 @@ def synthetic_prompt(vocab_size: int, seed: int) -> torch.Tensor:
     return torch.tensor(ids)[None]
 
 
-# ---- timing primitives ---------------------------------------------------------------------------------------
 
-
-class Stopwatch:
-    """Wall time of a block, with the device synchronised on both ends."""
-
-    def __init__(self, device):
-        self.device = device
-        self.seconds = 0.0
-
-    def __enter__(self):
-        synchronize(self.device)
-        self._start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        synchronize(self.device)
-        self.seconds = time.perf_counter() - self._start
-
-
-@contextmanager
-def attention_backend(model, name: str):
-    """Run a block with another attention backend (the LM reads it from the config at every forward)."""
-    previous = model.config._attn_implementation
-    model.config._attn_implementation = name
-    try:
-        yield
-    finally:
-        model.config._attn_implementation = previous
+# ---- timing helpers ------------------------------------------------------------------------------------------
 
 
 def _proc_status_kib(field_name: str) -> int | None:
@@ -394,84 +481,6 @@ def rss_peak_increase():
         record["bytes"] = max(peak - before, 0) * 1024
 
 
-def memory_metric(device: str) -> str:
-    if torch.device(device).type == "cuda":
-        return "peak CUDA memory allocated during the long generate (torch.cuda.max_memory_allocated, weights included)"
-    return "peak RSS increase during the long generate over the RSS before it (CPU; weights excluded)"
-
-
-# ---- one measurement -----------------------------------------------------------------------------------------
-
-
-def multimodal_inputs(bench: Bench):
-    """The spliced prompt (vision tower, projector, pooling, compression), timed."""
-    model = bench.model
-    model._reset_compression_stats()
-    with Stopwatch(model.device) as watch:
-        mm = model.build_multimodal_inputs(
-            bench.prompt_ids, None, None, [bench.video], ["video"], None, padding_side="left"
-        )
-    return mm, watch.seconds
-
-
-def repeated_rows(mm, batch: int):
-    """The same prompt ``batch`` times."""
-    repeat = lambda t: t.expand(batch, *t.shape[1:]).contiguous()
-    return replace(
-        mm,
-        inputs_embeds=repeat(mm.inputs_embeds),
-        attention_mask=repeat(mm.attention_mask),
-        position_ids=repeat(mm.position_ids),
-        labels=repeat(mm.labels),
-        video_token_mask=repeat(mm.video_token_mask),
-        visual_token_count=mm.visual_token_count * batch,
-    )
-
-
-@torch.no_grad()
-def prefill(model, mm):
-    """Start compression for this sequence (as generate does), then the LM forward over the embeddings."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=model.config)
-    model._begin_compression(mm)
-    mask = mm.attention_mask.long()
-    with Stopwatch(model.device) as watch:
-        output = model(inputs_embeds=mm.inputs_embeds, attention_mask=mask, past_key_values=cache,
-                       use_cache=True, logits_to_keep=1)
-    return GreedyDecoder(model, cache, output.logits, mask), watch.seconds
-
-
-class GreedyDecoder:
-    """Greedy decoding over a prefilled ``DynamicCache``, one forward per token, as generate's loop does it."""
-
-    def __init__(self, model, cache, logits: torch.Tensor, mask: torch.Tensor):
-        self.model, self.cache, self.mask = model, cache, mask
-        self.token = logits[:, -1:].argmax(-1)
-
-    @torch.no_grad()
-    def seconds_per_step(self, steps: int) -> float:
-        with Stopwatch(self.model.device) as watch:
-            for _ in range(steps):
-                self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
-                output = self.model(input_ids=self.token, attention_mask=self.mask, past_key_values=self.cache,
-                                    use_cache=True)
-                self.token = output.logits[:, -1:].argmax(-1)
-        return watch.seconds / steps
-
-
-def timed_answer(bench: Bench, new_tokens: int, device: str):
-    """``generate`` with a forced answer length; returns its GenerationTiming and peak memory bytes (or None)."""
-    measure_rss = torch.device(device).type != "cuda"
-    with (rss_peak_increase() if measure_rss else _nothing()) as rss:
-        output, timing = timed_generate(
-            bench.model, bench.prompt_ids, images=[bench.video], modalities=["video"], do_sample=False,
-            max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=bench.pad_token_id,
-        )
-    if output.shape[1] != new_tokens:
-        print(f"warning: generate returned {output.shape[1]} tokens, {new_tokens} were forced", file=sys.stderr)
-    peak = rss["bytes"] if measure_rss else timing.peak_memory_bytes
-    return timing, peak
 
 
 @contextmanager
@@ -479,105 +488,232 @@ def _nothing():
     yield {}
 
 
-def measure_once(bench: Bench, args, long_answer: bool = True) -> dict:
-    """The batch-1 measurements of one method, once: raw numbers (ms, MiB, token counts)."""
+def memory_metric(device: str) -> str:
+    if torch.device(device).type == "cuda":
+        return "peak CUDA memory allocated during the long answer (torch.cuda.max_memory_allocated, weights included)"
+    return "peak RSS increase during the long answer over the RSS before it (CPU; weights excluded)"
+
+
+# ---- regimes, decoding modes, bandwidth ----------------------------------------------------------------------
+
+
+@contextmanager
+def attention_regime(model, scale: float):
+    """Run a block with the LM's attention logits multiplied by ``scale``; the q/k weights are restored exactly
+    (in place: compiled graphs keep reading the same tensors)."""
+    if scale == 1.0:
+        yield
+        return
+    saved = [
+        (parameter, parameter.detach().clone())
+        for layer in model.get_model().layers
+        for projection in (layer.self_attn.q_proj, layer.self_attn.k_proj)
+        for parameter in (projection.weight, projection.bias)
+        if parameter is not None
+    ]
+    scale_attention_logits(model, scale)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for parameter, original in saved:
+                parameter.copy_(original)
+
+
+def compile_config(backend: str):
+    """Compiled decoding for ``generate``: full graph, one specialised graph per shape, on every device."""
+    from transformers import CompileConfig
+
+    mode = {"mode": "default"} if backend == "eager" else {}  # the eager backend takes no inductor mode
+    config = CompileConfig(fullgraph=True, dynamic=False, backend=backend, **mode)
+    config._compile_all_devices = True  # transformers compiles on CPU only when asked this way
+    return config
+
+
+def mode_kwargs(mode: str, compiled) -> dict:
+    """``generate`` arguments of a decoding mode."""
+    if mode == "eager":
+        return {}
+    return {"cache_implementation": "static", "compile_config": compiled}
+
+
+def allow_recompilations() -> None:
+    """Every method x shape x attention backend is its own graph of the same forward: far more than dynamo's
+    default limit of 8 per function, past which it would silently fall back to eager decoding."""
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, 1024)
+    config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4096)
+
+
+def own_static_cache_size(model) -> None:
+    """Let the next ``generate`` size its static cache for its own prompt and answer.
+
+    transformers sizes a new static cache to the longest one any earlier call of the model used
+    (``_previous_max_cache_length``, to avoid recompiling): in one process measuring several methods, every later
+    method without a cache of its own (baseline, dycoke-ttm, vidcom2) would decode over the longest prompt seen so far
+    (masked), reading K/V it does not have. Forgetting it gives each call the cache a process of its own would use
+    (DyCoke and FastV always make their own, sized to the call)."""
+    model.__dict__.pop("_previous_max_cache_length", None)
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has produced in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def copy_bandwidth(device: str, nbytes: int | None = None, repeats: int = 7) -> dict:
+    """Device memory bandwidth from large device-to-device copies: (bytes read + bytes written) / time, median."""
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    nbytes = nbytes or (2**30 if cuda else 2**28)
+    inner = 4 if cuda else 1  # copies per timed window (a 1 GiB copy takes well under a millisecond on a GPU)
+    source = torch.ones(nbytes, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    target.copy_(source)  # warm-up (first touch of the pages)
+    seconds = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(inner):
+            target.copy_(source)
+        synchronize(device)
+        seconds.append((time.perf_counter() - start) / inner)
+    del source, target
+    best = statistics.median(seconds)
+    return {"copy_gbs": 2 * nbytes / best / 1e9, "buffer_bytes": nbytes, "copies": repeats * inner,
+            "metric": "device-to-device copy of a buffer, (bytes read + bytes written) / time, median"}
+
+
+# ---- one measurement -----------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def token_counts(bench: Bench) -> dict:
+    """Prompt length and visual tokens that the model's current compressor lets into the LM (untimed)."""
+    mm = bench.model.build_multimodal_inputs(
+        bench.prompt_ids, None, None, [bench.video], ["video"], None, padding_side="left"
+    )
+    return {"prompt_tokens": int(mm.inputs_embeds.shape[1]), "visual_tokens": int(mm.visual_token_count),
+            "video_tokens": int(mm.video_token_mask.sum())}
+
+
+def timed_answer(bench: Bench, new_tokens: int, batch: int, kwargs: dict, measure_memory: bool = False):
+    """``generate`` with a forced answer length at ``batch`` (the prompt and video repeated); returns its
+    GenerationTiming, the peak memory in bytes (or None) and the decode-time compression statistics."""
     model = bench.model
-    mm, vision_s = multimodal_inputs(bench)
-    decoder, prefill_s = prefill(model, mm)
-    decode_s = decoder.seconds_per_step(args.decode_steps)
-    kv_stats = model.last_compression_stats.get("kv_pruning")
-    del decoder
-    short, _ = timed_answer(bench, args.short_tokens, args.device)
-    row = {
-        "prompt_tokens": int(mm.inputs_embeds.shape[1]),
-        "visual_tokens": int(mm.visual_token_count),
-        "video_tokens": int(mm.video_token_mask.sum()),
-        "vision_ms": vision_s * 1e3,
-        "prefill_ms": prefill_s * 1e3,
+    own_static_cache_size(model)
+    measure_rss = measure_memory and bench.prompt_ids.device.type != "cuda"
+    with (rss_peak_increase() if measure_rss else _nothing()) as rss:
+        output, timing = timed_generate(
+            model, bench.prompt_ids.expand(batch, -1), images=[bench.video] * batch, modalities=["video"] * batch,
+            do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=bench.pad_token_id,
+            **kwargs,
+        )
+    if output.shape[1] != new_tokens:
+        say(f"warning: generate returned {output.shape[1]} tokens, {new_tokens} were forced")
+    peak = rss["bytes"] if measure_rss else (timing.peak_memory_bytes if measure_memory else None)
+    return timing, peak, decode_stats(model.last_compression_stats)
+
+
+def decode_stats(stats: dict) -> dict | None:
+    """What the decode-time compressor did in the last call (row 0 for the counts; DyCoke's recomputations and
+    tokens that entered the active set after the first step, per row), or None without one."""
+    kv, fastv = stats.get("kv_pruning"), stats.get("fastv")
+    if kv and kv.get("decode_steps"):
+        return {"kind": "dycoke_kv", "layer": kv["layer"], "image_tokens": kv["image_tokens"][0],
+                "attended_image_tokens": kv["active_image_tokens"][0], "decode_steps": kv["decode_steps"],
+                "recomputations": kv["recomputations"], "entered_after_first_step": [sum(r[1:]) for r in kv["entered"]]}
+    if fastv and fastv.get("pruned"):
+        return {"kind": "fastv", "layer": fastv["layer"], "image_tokens": fastv["image_tokens"][0],
+                "attended_image_tokens": fastv["kept_image_tokens"][0], "decode_steps": fastv["decode_steps"]}
+    return None
+
+
+def measure_once(bench: Bench, kwargs: dict, args) -> dict:
+    """One run of one method in one mode: the short and long answers at batch 1 and the batch-8 answer."""
+    short, _, _ = timed_answer(bench, args.short_tokens, 1, kwargs)
+    long, peak, stats_b1 = timed_answer(bench, args.long_tokens, 1, kwargs, measure_memory=True)
+    batched, _, stats_b8 = timed_answer(bench, args.decode_steps + 1, DECODE_BATCH, kwargs)
+    milliseconds = lambda seconds: None if seconds is None else seconds * 1e3
+    return {
+        "vision_ms": short.vision_s * 1e3,
         "ttft_ms": short.time_to_first_token_s * 1e3,
-        "decode_ms_b1": decode_s * 1e3,
+        "prefill_ms": short.prefill_s * 1e3,
         "e2e_short_ms": short.total_s * 1e3,
-        "kv_recomputations_b1": _first_row(kv_stats, "recomputations"),
-        "kv_active_image_tokens": _first_row(kv_stats, "active_image_tokens"),
+        "e2e_long_ms": long.total_s * 1e3,
+        "decode_ms_b1": milliseconds(long.median_step_s),
+        "decode_ms_b8": milliseconds(batched.median_step_s),
+        "peak_memory_mib": peak / 2**20 if peak is not None else None,
+        "decode_stats_b1": stats_b1,
+        "decode_stats_b8": stats_b8,
     }
-    if long_answer:
-        long, peak = timed_answer(bench, args.long_tokens, args.device)
-        row["e2e_long_ms"] = long.total_s * 1e3
-        row["peak_memory_mib"] = peak / 2**20 if peak is not None else None
-    return row
-
-
-def batched_decode_ms(bench: Bench, args) -> list[float]:
-    """ms/step at batch 8 (the prompt 8 times), one value per measured window of ``decode_steps`` steps.
-
-    One prefill serves every window (a batch-8 prefill is the costly part): ``warmup`` windows are discarded,
-    then ``runs`` windows are measured. The prefill is set-up only and always runs with sdpa (see the docstring).
-    """
-    mm, _ = multimodal_inputs(bench)
-    with attention_backend(bench.model, "sdpa"):
-        decoder, _ = prefill(bench.model, repeated_rows(mm, DECODE_BATCH))
-    windows = [decoder.seconds_per_step(args.decode_steps) * 1e3 for _ in range(args.warmup + args.runs)]
-    return windows[args.warmup :]
-
-
-def _first_row(stats: dict | None, key: str):
-    if not stats or not stats.get(key):
-        return None
-    return stats[key][0]
 
 
 # ---- runs, medians and derived numbers -----------------------------------------------------------------------
 
 
-def benchmark_backend(bench: Bench, attn: str, args) -> dict:
-    """Warm-up, ``args.runs`` interleaved batch-1 runs of every method, then batch 8; returns {method: row}."""
+def benchmark_block(bench: Bench, mode: str, args, compiled, counts: dict) -> tuple[dict, dict]:
+    """Warm-up, then ``args.runs`` interleaved runs of every method in one decoding mode (the backend and regime
+    are already set); returns ({method: row}, compilation facts)."""
     model = bench.model
-    model.set_attn_implementation(attn)
-    for _ in range(args.warmup):
+    kwargs = mode_kwargs(mode, compiled)
+    warmups = max(args.warmup, 1) if mode == "compiled" else args.warmup
+    warmup_s = {method: 0.0 for method in args.methods}
+    graphs_start = compiled_graphs()
+    for _ in range(warmups):
         for method in args.methods:
             model.configure_compression(**METHODS[method])
-            measure_once(bench, args, long_answer=False)  # the long answer only repeats decode steps
+            start = time.perf_counter()
+            measure_once(bench, kwargs, args)
+            warmup_s[method] += time.perf_counter() - start
+    graphs_warm = compiled_graphs()
     runs: dict[str, list[dict]] = {method: [] for method in args.methods}
     for run in range(args.runs):
         for method in args.methods:
             model.configure_compression(**METHODS[method])
-            runs[method].append(measure_once(bench, args))
-            say(f"  {attn} run {run + 1}/{args.runs} {method}: " + _short_summary(runs[method][-1]))
-    rows = {}
-    for method in args.methods:
-        model.configure_compression(**METHODS[method])
-        windows = batched_decode_ms(bench, args)
-        say(f"  {attn} batch {DECODE_BATCH} {method}: decode ms/step " + ", ".join(f"{w:.1f}" for w in windows))
-        rows[method] = summarize(runs[method], windows, METHODS[method], bench.facts, args)
-    model.configure_compression(compressor="none")
+            runs[method].append(measure_once(bench, kwargs, args))
+            say(f"    run {run + 1}/{args.runs} {method}: " + _short_summary(runs[method][-1]))
+    graphs_end = compiled_graphs()
+    model.reset_compression()
+    rows = {method: summarize(runs[method], counts[method], bench.facts, args) for method in args.methods}
     add_ratios(rows)
-    return rows
+    info = {"warmup_runs": warmups, "warmup_s": warmup_s, "graphs_compiled_in_warmup": graphs_warm - graphs_start,
+            "graphs_compiled_while_measuring": graphs_end - graphs_warm}
+    if info["graphs_compiled_while_measuring"]:
+        say(f"warning: {info['graphs_compiled_while_measuring']} graph(s) compiled while measuring ({mode}): the "
+            "measured runs include compilation")
+    return rows, info
 
 
 def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _short_summary(row: dict) -> str:
-    return ", ".join(f"{k} {row[k]:.1f}" for k in ("vision_ms", "prefill_ms", "ttft_ms", "decode_ms_b1", "e2e_long_ms"))
+def _short_summary(run: dict) -> str:
+    keys = ("ttft_ms", "decode_ms_b1", "decode_ms_b8", "e2e_long_ms")
+    text = ", ".join(f"{k} {_fmt(run[k], 1)}" for k in keys)
+    stats = run["decode_stats_b1"]
+    if stats and stats["kind"] == "dycoke_kv":
+        text += f", active set recomputed {stats['recomputations'][0]}/{stats['decode_steps']}"
+    return text
 
 
-def summarize(runs: list[dict], batched_windows: list[float], settings: dict, facts: ModelFacts, args) -> dict:
-    """Medians of the timed numbers plus the derived throughputs."""
+def summarize(runs: list[dict], counts: dict, facts: ModelFacts, args) -> dict:
+    """Medians of the timed numbers, the token counts and the derived throughputs of one method."""
+    row = {key: _median(run[key] for run in runs) for key in (*MEASURED_KEYS, "peak_memory_mib")}
+    row.update(counts)
     first = runs[0]
-    row = {key: _median(run.get(key) for run in runs) for key in TIMED_KEYS}
-    row["decode_ms_b8"] = _median(batched_windows)
-    for key in ("prompt_tokens", "visual_tokens", "video_tokens", "kv_recomputations_b1", "kv_active_image_tokens"):
-        row[key] = first[key]
-    row["prefill_tflops"] = prefill_flops(facts, row["prompt_tokens"]) / (row["prefill_ms"] * 1e-3) / 1e12
-    shape = (row["prompt_tokens"], row["video_tokens"])
-    b1 = decode_bytes_per_step(facts, settings, *shape, decoded_before=0, steps=args.decode_steps, batch=1)
-    b8 = decode_bytes_per_step(facts, settings, *shape, decoded_before=args.warmup * args.decode_steps,
-                               steps=args.runs * args.decode_steps, batch=DECODE_BATCH)
-    row["decode_gbs"] = row["decode_gbs_b1"] = b1 / (row["decode_ms_b1"] * 1e-3) / 1e9
-    row["decode_gbs_b8"] = b8 / (row["decode_ms_b8"] * 1e-3) / 1e9
+    row["decode_stats_b1"], row["decode_stats_b8"] = first["decode_stats_b1"], first["decode_stats_b8"]
+    kv = first["decode_stats_b1"] if first["decode_stats_b1"] and first["decode_stats_b1"]["kind"] == "dycoke_kv" else None
+    row["kv_recomputations_b1"] = kv["recomputations"][0] if kv else None
+    row["kv_active_image_tokens"] = kv["attended_image_tokens"] if kv else None
+    row["prefill_tflops"] = _per_second(prefill_flops(facts, row["prompt_tokens"]), row["prefill_ms"], 1e12)
+    for batch, new_tokens in ((1, args.long_tokens), (DECODE_BATCH, args.decode_steps + 1)):
+        moved = decode_bytes_per_step(facts, row["prompt_tokens"], row[f"decode_stats_b{batch}"], new_tokens, batch)
+        row[f"decode_gbs_b{batch}"] = _per_second(moved, row[f"decode_ms_b{batch}"], 1e9)
     row["runs"] = runs
-    row["decode_ms_b8_windows"] = batched_windows
     return row
 
 
@@ -586,97 +722,248 @@ def _median(values):
     return statistics.median(values) if values else None
 
 
+def _per_second(amount: float, milliseconds: float | None, unit: float) -> float | None:
+    return amount / (milliseconds * 1e-3) / unit if milliseconds else None
+
+
 def prefill_flops(facts: ModelFacts, tokens: int) -> float:
     """2 * P * T for the matmuls of the decoder layers + causal attention 2 * layers * T^2 * heads * head_dim."""
     attention = 2 * facts.num_layers * tokens**2 * facts.num_heads * facts.head_dim
     return 2 * facts.layer_params * tokens + attention
 
 
-def decode_bytes_per_step(facts: ModelFacts, settings: dict, prompt_tokens: int, video_tokens: int, *,
-                          decoded_before: int, steps: int, batch: int) -> float:
-    """Weights (decoder layers + lm_head) + the K/V entries the attention reads, at the loop's mean context."""
-    context = prompt_tokens + decoded_before + (steps + 1) / 2
-    layers_full, layers_pruned, pruned = facts.num_layers, 0, 0
-    if settings.get("compressor") == "dycoke" and settings.get("dycoke_p", 0) > 0:
-        layers_full = settings["dycoke_l"]
-        layers_pruned = facts.num_layers - layers_full
-        pruned = video_tokens - int(video_tokens * (1 - settings["dycoke_p"]))
-    token_layers = layers_full * context + layers_pruned * (context - pruned)
+def decode_bytes_per_step(facts: ModelFacts, prompt_tokens: int, stats: dict | None, new_tokens: int,
+                          batch: int) -> float:
+    """Weights (decoder layers + lm_head) + the K/V entries the attention reads at the answer's mean context; from
+    DyCoke's layer L (FastV's K) on, the video tokens that are not attended (inactive, dropped) are not read."""
+    context = prompt_tokens + new_tokens / 2
+    layers_full, layers_reduced, skipped = facts.num_layers, 0, 0
+    if stats:
+        layers_full = stats["layer"]
+        layers_reduced = facts.num_layers - layers_full
+        skipped = stats["image_tokens"] - stats["attended_image_tokens"]
+    token_layers = layers_full * context + layers_reduced * (context - skipped)
     kv_bytes = 2 * facts.num_kv_heads * facts.head_dim * facts.element_bytes * token_layers * batch
-    return facts.layer_bytes + facts.head_bytes + kv_bytes
+    return facts.weight_bytes_per_step + kv_bytes
 
 
 def add_ratios(rows: dict) -> None:
     base = rows.get("baseline")
-    pairs = (("ttft_ratio", "ttft_ms"), ("e2e_short_ratio", "e2e_short_ms"), ("e2e_long_ratio", "e2e_long_ms"),
-             ("memory_ratio", "peak_memory_mib"))
     for row in rows.values():
-        for ratio, key in pairs:
-            ok = base is not None and row[key] is not None and base[key]
+        for ratio, key in RATIO_KEYS.items():
+            ok = base is not None and row.get(key) is not None and base.get(key)
             row[ratio] = row[key] / base[key] if ok else None
 
 
 # ---- targets -------------------------------------------------------------------------------------------------
 
 
-def target_lines(config_name: str, results: dict) -> list[str]:
-    """DyCoke's targets on ov-7b CUDA: TTFT <= 0.6x, decode b1 not slower and b8 faster, memory <= 0.72x (eager)."""
+def target_specs(long_tokens: int) -> list[dict]:
+    """The issue's targets: what is divided by what, the comparison, and the configs each is set for.
+    ``num`` / ``den`` are (mode, regime, method, key) of a result row, or "floor" (the weight-read floor, ms)."""
+    specs = []
+    for batch, threshold in ((1, 1.0), (DECODE_BATCH, 0.8)):
+        key = f"decode_ms_b{batch}"
+        specs.append({
+            "id": f"compiled-dycoke-vs-baseline-b{batch}", "set_for": CPU_TARGET_CONFIGS,
+            "text": f"compiled DyCoke decode step / compiled baseline's, batch {batch}, kept set",
+            "num": ("compiled", "kept", "dycoke", key), "den": ("compiled", "kept", "baseline", key),
+            "op": "<=", "threshold": threshold,
+        })
+    for mode in MODES:
+        for batch in BATCHES:
+            key = f"decode_ms_b{batch}"
+            specs.append({
+                "id": f"{mode}-dycoke-vs-ttm-b{batch}", "set_for": CPU_TARGET_CONFIGS,
+                "text": f"{mode} DyCoke decode step / merging alone's (dycoke-ttm), batch {batch}, kept set",
+                "num": (mode, "kept", "dycoke", key), "den": (mode, "kept", "dycoke-ttm", key),
+                "op": "<=", "threshold": 1.0,
+            })
+    specs += [
+        {"id": "ttft-dycoke-vs-baseline", "set_for": CUDA_TARGET_CONFIGS,
+         "text": "DyCoke time to first token / baseline's (eager mode, kept set)",
+         "num": ("eager", "kept", "dycoke", "ttft_ms"), "den": ("eager", "kept", "baseline", "ttft_ms"),
+         "op": "<=", "threshold": 0.55},
+        {"id": "compiled-dycoke-b1-vs-floor", "set_for": CUDA_TARGET_CONFIGS,
+         "text": "compiled DyCoke decode step, batch 1, kept set / weight-read floor",
+         "num": ("compiled", "kept", "dycoke", "decode_ms_b1"), "den": "floor", "op": "<=", "threshold": 1.3},
+        {"id": "e2e-long-speedup", "set_for": CUDA_TARGET_CONFIGS,
+         "text": f"{long_tokens}-token answer, eager baseline / compiled DyCoke (kept set): speed-up",
+         "num": ("eager", "kept", "baseline", "e2e_long_ms"), "den": ("compiled", "kept", "dycoke", "e2e_long_ms"),
+         "op": ">=", "threshold": 2.0},
+    ]
+    return specs
+
+
+def lookup(by_mode: dict, ref) -> float | None:
+    mode, regime, method, key = ref
+    return by_mode.get(mode, {}).get(regime, {}).get(method, {}).get(key)
+
+
+def evaluate_targets(report: dict) -> list[dict]:
+    """Every target for every attention backend, computed from the report's numbers (n/a where not measured)."""
+    floor_ms = report["floor"]["floor_ms"]
+    targets = []
+    for attn, by_mode in report["results"].items():
+        for spec in target_specs(report["long_tokens"]):
+            num = lookup(by_mode, spec["num"])
+            den = floor_ms if spec["den"] == "floor" else lookup(by_mode, spec["den"])
+            value = num / den if num is not None and den else None
+            met = None if value is None else (value <= spec["threshold"] if spec["op"] == "<=" else value >= spec["threshold"])
+            applies = report["config"] in spec["set_for"]
+            target = {**spec, "attn": attn, "num_ms": num, "den_ms": den, "value": value, "met": met, "applies": applies}
+            target["line"] = target_line(target)
+            targets.append(target)
+    return targets
+
+
+def target_line(target: dict) -> str:
+    wanted = f"want {target['op']} {target['threshold']:.2f}x"
+    if target["value"] is None:
+        missing = [" ".join(ref[:3]) for ref in (target["num"], target["den"]) if ref != "floor"]
+        verdict = f"n/a: not measured ({wanted}; needs {' and '.join(missing)})"
+        return f"{target['attn']}: {target['text']}: {verdict}"
+    line = (f"{target['attn']}: {target['text']}: {target['value']:.2f}x ({target['num_ms']:.2f} / "
+            f"{target['den_ms']:.2f} ms; {wanted}) -> {'met' if target['met'] else 'not met'}")
+    if not target["applies"]:
+        line += f" [target set for {', '.join(target['set_for'])}; shown for reference]"
+    return line
+
+
+def regime_lines(report: dict) -> list[str]:
+    """What DyCoke's active set did in each regime: recomputations / decoding steps, observed."""
     lines = []
-    scope = "" if config_name == "ov-7b" else f" (targets are set for ov-7b on CUDA; {config_name} shown for reference)"
-    for attn, rows in results.items():
-        base, dycoke = rows.get("baseline"), rows.get("dycoke")
-        if base is None or dycoke is None:
-            lines.append(f"{attn}: targets need the baseline and dycoke methods; not evaluated")
-            continue
-        checks = [
-            ("TTFT", dycoke["ttft_ratio"], "<= 0.60x baseline", lambda r: r <= 0.6),
-            ("decode step b1", _ratio(dycoke, base, "decode_ms_b1"), "<= 1.00x baseline (not slower)", lambda r: r <= 1.0),
-            ("decode step b8", _ratio(dycoke, base, "decode_ms_b8"), "< 1.00x baseline (faster)", lambda r: r < 1.0),
-        ]
-        if attn == "eager":
-            checks.append(("peak memory", dycoke["memory_ratio"], "<= 0.72x baseline", lambda r: r <= 0.72))
-        ttm = rows.get("dycoke-ttm")
-        if ttm is not None:  # the KV pruning's own effect: DyCoke vs its token merging alone
-            checks.append(("decode step b1 vs dycoke-ttm", _ratio(dycoke, ttm, "decode_ms_b1"), "<= 1.00x", lambda r: r <= 1.0))
-            checks.append(("decode step b8 vs dycoke-ttm", _ratio(dycoke, ttm, "decode_ms_b8"), "< 1.00x", lambda r: r < 1.0))
-        for name, ratio, wanted, passes in checks:
-            verdict = "n/a" if ratio is None else ("target met" if passes(ratio) else "target not met")
-            shown = "n/a" if ratio is None else f"{ratio:.2f}x"
-            lines.append(f"{attn}: DyCoke {name} {shown} (want {wanted}): {verdict}{scope}")
+    for attn, by_mode in report["results"].items():
+        for regime, facts in report["regimes"].items():
+            parts, as_intended = [], True
+            for mode, by_regime in by_mode.items():
+                row = by_regime.get(regime, {}).get("dycoke")
+                if row is None:
+                    continue
+                b1, b8 = row["decode_stats_b1"], row["decode_stats_b8"]
+                for stats in (b1, b8):
+                    wanted = 1 if regime == "kept" else stats["decode_steps"]
+                    as_intended &= all(count == wanted for count in stats["recomputations"])
+                b8_counts = sorted(set(b8["recomputations"]))
+                parts.append(
+                    f"{mode}: {b1['recomputations'][0]}/{b1['decode_steps']} steps at batch 1 "
+                    f"({b1['entered_after_first_step'][0]} tokens entered the set after the first step), "
+                    f"{' or '.join(map(str, b8_counts))}/{b8['decode_steps']} at batch {DECODE_BATCH}"
+                )
+            head = f"{attn}, {REGIME_TITLES[regime]} (attention logits x{facts['attention_logit_scale']:g}): "
+            if not parts:
+                lines.append(head + "dycoke not measured, regime not observed")
+                continue
+            verdict = "as intended" if as_intended else "NOT the intended regime"
+            lines.append(head + "DyCoke recomputed its active set " + "; ".join(parts) + f" ({verdict})")
     return lines
 
 
-def _ratio(row: dict, reference: dict, key: str) -> float | None:
-    if row[key] is None or not reference[key]:
-        return None
-    return row[key] / reference[key]
-
-
 # ---- output --------------------------------------------------------------------------------------------------
-
-
-def markdown_table(rows: dict, short_tokens: int, long_tokens: int) -> str:
-    header = ["method", "visual tokens", "vision ms", "prefill ms", "TTFT ms", "decode ms/step b1",
-              "decode ms/step b8", f"e2e {short_tokens} tok ms", f"e2e {long_tokens} tok ms",
-              "peak memory MiB", "prefill TFLOP/s", "decode GB/s", "TTFT x", f"e2e {short_tokens} x",
-              f"e2e {long_tokens} x", "memory x"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    for method, row in rows.items():
-        cells = [method, str(row["visual_tokens"])]
-        cells += [_fmt(row[key], 1) for key in ("vision_ms", "prefill_ms", "ttft_ms", "decode_ms_b1", "decode_ms_b8",
-                                               "e2e_short_ms", "e2e_long_ms", "peak_memory_mib")]
-        cells += [_fmt(row["prefill_tflops"], 3), _fmt(row["decode_gbs"], 2)]
-        cells += [_fmt(row[key], 2, "x") for key in ("ttft_ratio", "e2e_short_ratio", "e2e_long_ratio", "memory_ratio")]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def _fmt(value, digits: int, suffix: str = "") -> str:
     return "n/a" if value is None else f"{value:.{digits}f}{suffix}"
 
 
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
+    return "\n".join(lines)
+
+
+def _label(method: str, methods: dict) -> str:
+    settings = {k: v for k, v in methods[method].items() if k != "compressor"}
+    short = {"dycoke_k": "k", "dycoke_l": "L", "dycoke_p": "p", "vidcom2_r": "r", "fastv_k": "K", "fastv_r": "R"}
+    args = ", ".join(f"{short.get(k, k)}={v:g}" for k, v in settings.items())
+    return f"{method} ({args})" if args else method
+
+
+def prefill_table(report: dict, attn: str) -> tuple[str, str]:
+    """Visual tokens, vision, prefill, TTFT: one row per method (eager mode and kept set when measured)."""
+    by_mode = report["results"][attn]
+    mode = "eager" if "eager" in by_mode else next(iter(by_mode))
+    regime = "kept" if "kept" in by_mode[mode] else next(iter(by_mode[mode]))
+    rows = []
+    for method, row in by_mode[mode][regime].items():
+        star = "*" if method == "fastv" else ""
+        rows.append([_label(method, report["methods"]), f"{row['visual_tokens']}{star}", _fmt(row["vision_ms"], 1),
+                     _fmt(row["prefill_ms"], 1), _fmt(row["ttft_ms"], 1), _fmt(row["ttft_ratio"], 2, "x"),
+                     _fmt(row["prefill_tflops"], 3)])
+    header = ["method", "visual tokens", "vision ms", "prefill ms", "TTFT ms", "TTFT x", "prefill TFLOP/s"]
+    return f"{MODE_TITLES[mode]}, {REGIME_TITLES[regime]}", _table(header, rows)
+
+
+def decode_table(report: dict, attn: str, mode: str) -> str:
+    """Decode steps and end-to-end answers of one (backend, mode): one row per method, a column per regime."""
+    by_regime = report["results"][attn][mode]
+    regimes = list(by_regime)
+    first = regimes[0]
+    short, long = report["short_tokens"], report["long_tokens"]
+    columns = [(f"b1 ms/step {r}", r, "decode_ms_b1", 2) for r in regimes]
+    columns += [(f"b{DECODE_BATCH} ms/step {r}", r, "decode_ms_b8", 2) for r in regimes]
+    columns += [(f"e2e {short} tok ms {r}", r, "e2e_short_ms", 1) for r in regimes]
+    columns += [(f"e2e {long} tok ms {r}", r, "e2e_long_ms", 1) for r in regimes]
+    columns += [(f"peak MiB {first}", first, "peak_memory_mib", 1), (f"GB/s b1 {first}", first, "decode_gbs_b1", 2),
+                (f"GB/s b{DECODE_BATCH} {first}", first, "decode_gbs_b8", 2)]
+    compiled = mode == "compiled" and report.get("compilation")
+    header = ["method", *(name for name, *_ in columns)] + (["warm-up s"] if compiled else [])
+    rows = []
+    for method in by_regime[first]:
+        cells = [method]
+        cells += [_fmt(by_regime[r].get(method, {}).get(key), digits) for _, r, key, digits in columns]
+        if compiled:
+            cells.append(_fmt(report["compilation"][attn][mode][first]["warmup_s"].get(method), 1))
+        rows.append(cells)
+    return _table(header, rows)
+
+
+def print_report(report: dict) -> None:
+    env = report["environment"]
+    compile_ = report["compile"]
+    print(f"\n## {report['config']}: {report['description']}\n")
+    print(f"{report['device']} ({env['device_name']}), {report['dtype']}, torch {env['torch']}, transformers "
+          f"{env['transformers']}, {env['cpu_threads']} CPU thread(s); median of {report['runs']} run(s) after "
+          f"{report['warmup']} warm-up run(s) (compiled: at least 1); compiled decoding: torch.compile backend="
+          f"{compile_['backend']}, mode={compile_['mode']}, fullgraph, dynamic=False, static cache; sdpa on masked "
+          f"calls: {'native GQA (' + SDPA_GQA_ENV + '=1)' if report.get('sdpa_force_gqa') else 'K/V repeated per head (transformers default)'}.")
+    for note in report.get("notes", []):
+        print(f"Note: {note}.")
+    for attn in report["results"]:
+        title, table = prefill_table(report, attn)
+        print(f"\n### attn={attn}: prefill, batch 1 ({title})\n")
+        print(table)
+        if "fastv" in report["methods"]:
+            print("\n\\* FastV drops video tokens inside the LM, from layer K on; the column counts the tokens that "
+                  "enter it.")
+        for mode in report["results"][attn]:
+            print(f"\n### attn={attn}: {MODE_TITLES[mode]}\n")
+            print(decode_table(report, attn, mode))
+    floor = report["floor"]
+    print(f"\nWeight-read floor of a decoding step: {floor['weight_bytes'] / 1e6:.1f} MB of weights (decoder layers + "
+          f"lm_head) / {floor['copy_gbs']:.1f} GB/s measured copy bandwidth ({floor['buffer_bytes'] // 2**20} MiB "
+          f"device-to-device copies, read + write) = {floor['floor_ms']:.3f} ms.")
+    print(f"Peak memory: {report['memory_metric']}. Decode ms/step: median interval between consecutive tokens "
+          f"(batch 1: the {report['long_tokens']}-token answer; batch {DECODE_BATCH}: {report['decode_steps']} "
+          f"decoding steps). Prefill ms = TTFT - vision ms.")
+    print(f"Prefill TFLOP/s: {report['formulas']['prefill_tflops']}. GB/s: {report['formulas']['decode_gbs']}.")
+    print("\nRegimes (observed):")
+    for line in regime_lines(report):
+        print(f"- {line}")
+    print("\nTargets:")
+    for target in report["targets"]:
+        print(f"- {target['line']}")
+    compiled_late = [f"{attn}/{mode}/{regime}" for attn, by_mode in report.get("compilation", {}).items()
+                     for mode, by_regime in by_mode.items() for regime, info in by_regime.items()
+                     if info["graphs_compiled_while_measuring"]]
+    if compiled_late:
+        print(f"\nWarning: graphs were compiled while measuring in {', '.join(compiled_late)}.")
+    if report.get("wall_s") is not None:
+        print(f"\nMeasured in {report['wall_s'] / 60:.1f} min.")
+
+
 def write_figures(report: dict, folder: Path) -> list[str]:
-    """Bar charts per method (one bar per attention backend): latency, and peak memory."""
+    """Bar charts per method, one bar per (attention backend, decoding mode): latency, and memory."""
     try:
         import matplotlib
 
@@ -686,36 +973,43 @@ def write_figures(report: dict, folder: Path) -> list[str]:
         print("warning: matplotlib is not installed (pip install matplotlib): no figures written", file=sys.stderr)
         return []
     folder.mkdir(parents=True, exist_ok=True)
-    name, results = report["config"], report["results"]
-    latency_panels = [("ttft_ms", "time to first token (ms)"), ("decode_ms_b1", "decode ms/step, batch 1"),
-                      ("decode_ms_b8", "decode ms/step, batch 8"),
-                      ("e2e_long_ms", f"generate {report['long_tokens']} tokens (ms)")]
-    memory_panels = [("peak_memory_mib", "peak memory (MiB)"), ("visual_tokens", "visual tokens")]
+    name = report["config"]
+    latency_panels = [("ttft_ms", "kept", "time to first token (ms)"),
+                      ("decode_ms_b1", "kept", "decode ms/step, batch 1, kept set"),
+                      ("decode_ms_b8", "kept", f"decode ms/step, batch {DECODE_BATCH}, kept set"),
+                      ("decode_ms_b8", "changing", f"decode ms/step, batch {DECODE_BATCH}, changing set"),
+                      ("e2e_long_ms", "kept", f"{report['long_tokens']}-token answer (ms), kept set")]
+    memory_panels = [("peak_memory_mib", "kept", "peak memory (MiB), kept set"),
+                     ("visual_tokens", "kept", "visual tokens")]
     paths = []
     for suffix, panels in (("latency", latency_panels), ("memory", memory_panels)):
-        figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
-        for axis, (key, title) in zip(axes[0], panels):
-            _grouped_bars(axis, results, key, title)
-        figure.suptitle(f"{name} ({report['device']}, {report['dtype']}, {report['frames']} frames)")
+        panels = [p for p in panels if any(p[1] in by_regime for by_mode in report["results"].values()
+                                           for by_regime in by_mode.values())]
+        figure, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.8), squeeze=False)
+        for axis, (key, regime, title) in zip(axes[0], panels):
+            _grouped_bars(axis, report["results"], key, regime, title)
+        figure.suptitle(f"{name} ({report['device']}, {report['dtype']}, {report['frames']} frames, median of "
+                        f"{report['runs']})")
         figure.tight_layout()
         path = folder / f"benchmark-{name}-{suffix}.png"
-        figure.savefig(path, dpi=120)
+        figure.savefig(path, dpi=110)
         plt.close(figure)
         paths.append(str(path))
     return paths
 
 
-def _grouped_bars(axis, results: dict, key: str, title: str) -> None:
-    backends = list(results)
-    methods = list(next(iter(results.values())))
-    width = 0.8 / max(len(backends), 1)
-    for index, attn in enumerate(backends):
-        values = [results[attn][m][key] or 0 for m in methods]
-        positions = [i + (index - (len(backends) - 1) / 2) * width for i in range(len(methods))]
-        axis.bar(positions, values, width, label=attn)
-    axis.set_xticks(range(len(methods)), methods)
-    axis.set_title(title, fontsize=10)
-    axis.legend(fontsize=8)
+def _grouped_bars(axis, results: dict, key: str, regime: str, title: str) -> None:
+    series = [(f"{attn}, {mode}", by_regime.get(regime, {})) for attn, by_mode in results.items()
+              for mode, by_regime in by_mode.items()]
+    methods = list(dict.fromkeys(m for _, rows in series for m in rows))
+    width = 0.8 / max(len(series), 1)
+    for index, (label, rows) in enumerate(series):
+        values = [(rows.get(m, {}).get(key) or 0) for m in methods]
+        positions = [i + (index - (len(series) - 1) / 2) * width for i in range(len(methods))]
+        axis.bar(positions, values, width, label=label)
+    axis.set_xticks(range(len(methods)), methods, rotation=20, fontsize=8)
+    axis.set_title(title, fontsize=9)
+    axis.legend(fontsize=7)
 
 
 def environment(args) -> dict:
@@ -745,16 +1039,41 @@ def write_json(report: dict, path: Path) -> None:
 
 
 def run_benchmark(args) -> dict:
+    started = time.perf_counter()
     if args.threads:
         torch.set_num_threads(args.threads)
     config = CONFIGS[args.config]
+    compiled = None
+    if "compiled" in args.modes:
+        allow_recompilations()
+        compiled = compile_config(args.compile_backend)
+    if args.sdpa_gqa:
+        os.environ[SDPA_GQA_ENV] = "1"  # read by transformers at every sdpa call (and when compiling one)
+    for note in args.notes:
+        say(f"Note: {note}")
     say(f"Building {args.config}: {config.description} ({args.device}, {args.dtype}) ...")
     with tempfile.TemporaryDirectory() as workdir:
         bench = build_bench(args, Path(workdir))
-        results = {}
-        for attn in args.attn:
-            say(f"Measuring with attn={attn} ...")
-            results[attn] = benchmark_backend(bench, attn, args)
+    bandwidth = copy_bandwidth(args.device)
+    model = bench.model
+    results: dict = {}
+    compilation: dict = {}
+    for attn in args.attn:
+        model.set_attn_implementation(attn)
+        counts = {}
+        for method in args.methods:
+            model.configure_compression(**METHODS[method])
+            counts[method] = token_counts(bench)
+        for regime in args.regimes:
+            with attention_regime(model, config.scale(regime)):
+                for mode in args.modes:
+                    say(f"Measuring attn={attn}, {REGIME_TITLES[regime]} (logits x{config.scale(regime):g}), "
+                        f"{MODE_TITLES[mode]} ...")
+                    rows, info = benchmark_block(bench, mode, args, compiled, counts)
+                    results.setdefault(attn, {}).setdefault(mode, {})[regime] = rows
+                    compilation.setdefault(attn, {}).setdefault(mode, {})[regime] = info
+    model.reset_compression()
+    facts = bench.facts
     return {
         "config": args.config,
         "description": config.description,
@@ -765,46 +1084,47 @@ def run_benchmark(args) -> dict:
         "warmup": args.warmup,
         "decode_steps": args.decode_steps,
         "decode_batch": DECODE_BATCH,
+        "batches": list(BATCHES),
         "short_tokens": args.short_tokens,
         "long_tokens": args.long_tokens,
         "methods": {method: METHODS[method] for method in args.methods},
-        "columns": list(COLUMNS),
+        "modes": list(args.modes),
+        "regimes": {regime: {"attention_logit_scale": config.scale(regime)} for regime in args.regimes},
+        "attn": list(args.attn),
+        "compile": {"backend": args.compile_backend, "mode": compiled.mode if compiled else None,
+                    "fullgraph": True, "dynamic": False, "cache_implementation": "static"},
+        "notes": list(args.notes),
+        "sdpa_force_gqa": os.environ.get(SDPA_GQA_ENV, "0") == "1",
         "memory_metric": memory_metric(args.device),
         "formulas": {
             "prefill_tflops": "(2*P*T + 2*n_layers*T^2*n_heads*head_dim) / prefill_s / 1e12; P = decoder-layer "
                               "parameters, T = spliced prompt tokens (causal attention: QK^T + AV over half of T x T)",
-            "decode_gbs": "(decoder-layer + lm_head weight bytes + K/V bytes attended at the loop's mean context, "
-                          "times batch for K/V) / step_s / 1e9; DyCoke layers >= L read non-image + active image keys",
+            "decode_gbs": "(decoder-layer + lm_head weight bytes + K/V bytes attended at the answer's mean context, "
+                          "times batch for K/V) / step_s / 1e9; from DyCoke's L (FastV's K) on, only the non-video "
+                          "and active (kept) video keys are counted",
+            "floor_ms": "(decoder-layer + lm_head weight bytes) / measured copy bandwidth",
         },
-        "model": vars(bench.facts),
+        "model": {**vars(facts), "weight_bytes_per_step": facts.weight_bytes_per_step},
+        "floor": {**bandwidth, "weight_bytes": facts.weight_bytes_per_step,
+                  "floor_ms": facts.weight_bytes_per_step / (bandwidth["copy_gbs"] * 1e9) * 1e3},
         "environment": environment(args),
         "results": results,
+        "compilation": compilation,
+        "wall_s": time.perf_counter() - started,
     }
-
-
-def print_report(report: dict) -> None:
-    for attn, rows in report["results"].items():
-        print(f"\n### {report['config']}, attn={attn} ({report['device']}, {report['dtype']}, {report['frames']} frames, "
-              f"median of {report['runs']} runs)\n")
-        print(markdown_table(rows, report["short_tokens"], report["long_tokens"]))
-    print(f"\nPeak memory: {report['memory_metric']}.")
-    print(f"Prefill TFLOP/s: {report['formulas']['prefill_tflops']}.")
-    print(f"Decode GB/s (batch 1): {report['formulas']['decode_gbs']}.")
-    print()
-    for line in report["targets"]:
-        print(line)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.from_json:  # e.g. a CUDA run's JSON, drawn on a machine that has matplotlib
         report = json.loads(Path(args.from_json).read_text())
+        report["targets"] = evaluate_targets(report)
         report["figures"] = write_figures(report, Path(args.figures_dir))
         print_report(report)
         print("\nWrote " + ", ".join(report["figures"]))
         return 0
     report = run_benchmark(args)
-    report["targets"] = target_lines(args.config, report["results"])
+    report["targets"] = evaluate_targets(report)
     report["figures"] = write_figures(report, Path(args.figures_dir))
     write_json(report, Path(args.out))
     print_report(report)

@@ -120,3 +120,14 @@ def test_fastv_dropping_every_video_token_runs_and_warns(model_and_tokenizer):
         tokens, logits = run(model, tokenizer)
     assert model.last_compression_stats["fastv"]["kept_image_tokens"] == [0] and torch.isfinite(logits).all()
     model.reset_compression()
+
+
+def test_the_loader_rejects_bad_settings_before_reading_weights(tiny_checkpoint, monkeypatch):
+    from llava.model.language_model.llava_qwen import LlavaQwenForCausalLM
+
+    def never(*args, **kwargs):
+        raise AssertionError("weights were loaded before the settings were checked")
+
+    monkeypatch.setattr(LlavaQwenForCausalLM, "from_pretrained", never)
+    with pytest.raises(ValueError, match=r"dycoke_l=9 is out of range; allowed: \[1, 3\] for this 4-layer model"):
+        load(tiny_checkpoint, dycoke=True, dycoke_l=9)

@@ -98,7 +98,7 @@ def test_matches_the_masked_reference(case, regime, variant):
     keep = int(kv["image_tokens"][0] * (1 - RATIO))
     assert kv["active_image_tokens"] == [keep] and keep == rule.keep
     entered = kv["entered"][0]
-    assert entered[0] == keep  # the first step fills the active set
+    assert 0 < entered[0] <= keep  # the first step brings the top tokens into the active slots
     assert all(count == 0 for count, hit in zip(entered, rule.recomputed) if not hit)  # a kept set copies nothing
     # Each regime is what its name says.
     if regime == "kept":

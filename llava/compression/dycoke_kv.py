@@ -12,13 +12,13 @@ How it runs (per generation, in the cache's :class:`DyCokeKVState`):
 - layer L-1, after its stock forward: one query projection of the layer's input and one pass over the layer's
   cached keys give ``a`` (:func:`~llava.compression._attention.mean_head_attention`); the active set is updated on
   the device with ``torch.where`` (no host read), and so is the list of tokens that entered it this step;
-- layers >= L attend over a compact copy of their keys/values laid out
-  [scratch | non-video prefill | active video | decoded tokens], with fixed shapes per generation. A step copies
-  into it only the tokens that entered the active set (none when the set is kept, the common case with real
-  models: then the attention reads only the kept keys), plus its own new token. The copies have a fixed count per
-  step (int(n * (1 - p))); slots with nothing to copy write the scratch slot from one cache row instead, so a kept
-  set costs a few cache-resident writes and no memory traffic. The full cache keeps only the prefill for these
-  layers: decoded tokens live in the compact copy, the only place layers >= L read them from.
+- layers >= L keep their keys/values in a store of their own laid out
+  [scratch | video tokens | non-video prefill | active copies | decoded tokens], with fixed shapes per generation;
+  a decoding step attends over the contiguous slots from the non-video prefill on, so it reads only the kept keys.
+  A step that recomputes the active set copies the K = int(n * (1 - p)) chosen tokens into the active slots; a
+  step that keeps it copies nothing (its K copies read and write the scratch slot: cache-resident, no memory
+  traffic). The store replaces the transformers cache layer of these layers, which stays empty: besides the
+  active copies, no key or value is held twice.
 
 Fidelity switch, ``public_quirks=True`` (``dycoke_public_quirks``), reproducing the public code's decoding:
 its prunable span is one token shorter than the merged video tokens (``image_token_length = size - 1`` in its
@@ -141,7 +141,14 @@ class _VideoLayout:
 
 
 class DyCokeKVState(DecodeState):
-    """DyCoke KV pruning of one generation (see the module docstring)."""
+    """DyCoke KV pruning of one generation (see the module docstring).
+
+    Layers >= L keep their keys/values in a store of their own (not in the transformers cache layer), one tensor
+    (2 [keys, values], batch, key heads, slots, head_dim) laid out per row as
+    ``[scratch | video tokens | other prefill | active copies | decoded]``: a decoding step attends over the
+    contiguous slots from ``other`` on. Video tokens are numbered 0..n-1 in prompt order; ``active`` holds the
+    numbers of the tokens copied into the active slots.
+    """
 
     def __init__(self, method: DyCokeKV, inputs: GenerationInputs, layout: _VideoLayout):
         super().__init__(inputs)
@@ -150,50 +157,66 @@ class DyCokeKVState(DecodeState):
         self.compact = not method.public_quirks
         batch, device = inputs.prunable.shape[0], inputs.prunable.device
         capacity = inputs.decoded_capacity
-        self.keep = layout.active_valid.shape[1]
-        self.others = layout.other_index.shape[1]
+        self.videos = layout.video_index.shape[1]  # N, the widest row's video tokens
+        self.keep = layout.active_valid.shape[1]  # K
+        self.others = layout.other_index.shape[1]  # O
+        # Store regions (slot offsets); slot 0 is the scratch slot that unused copies go to.
+        self.other_start = 1 + self.videos
+        self.active_start = self.other_start + self.others
+        self.decoded_start = self.active_start + self.keep
         # Per-step state, updated in place: fixed addresses and shapes for the whole generation.
         self.step = torch.zeros(1, dtype=torch.long, device=device)  # decoding steps started
         self.slot = torch.zeros(1, dtype=torch.long, device=device)  # this step's index, from 0
-        self.previous_direction = torch.zeros(batch, layout.video_index.shape[1], device=device)  # a_prev / |a_prev|
-        self.active = torch.full((batch, self.keep + 1), -1, dtype=torch.long, device=device)  # last column: scratch
-        self.recomputed = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
-        self.similarity = torch.full((batch, capacity), float("nan"), device=device)
-        self.entered = torch.zeros(batch, capacity, dtype=torch.long, device=device)
+        self.previous_direction = torch.zeros(batch, self.videos, device=device)  # a_prev / |a_prev|
+        self.active = torch.full((batch, self.keep), self.videos, dtype=torch.long, device=device)  # N: none yet
+        # Per step and row: [recomputed (0/1), cos(a, a_prev) (NaN at the first step), tokens that entered the set].
+        self.log = torch.zeros(batch, capacity, 3, device=device)
         self.history = torch.zeros(batch, capacity, self.keep, dtype=torch.long, device=device) if inputs.record else None
         # The decision layer's key validity over the full cache [prefill | decoded].
         self.key_valid = KeyMask(inputs.attention_mask, capacity, BOOL, torch.bool)
         kind = mask_kind(inputs.attn_implementation)
+        tensors = [self.active]
         if self.compact:
             prefix = torch.cat([layout.other_valid, layout.active_valid], dim=1)
             self.pruned_mask = KeyMask(prefix, capacity, kind, inputs.dtype)
+            self.stores: dict[int, torch.Tensor] = {}  # layer -> (2, B, heads, slots, head_dim)
+            self.store_index = self.row_base = None  # index tensors into the stores, made with the first one
+            # This step's copies into the active slots, per row: the slots read and written (scratch: 0).
+            self.copy_from = torch.zeros(batch, self.keep, dtype=torch.long, device=device)
+            self.copy_to = torch.zeros_like(self.copy_from)
+            self.decoded_slot = torch.zeros(1, dtype=torch.long, device=device)  # the store slot of this step's token
+            tensors += [self.copy_from, self.copy_to, self.decoded_slot]
         else:  # public quirks: the full cache, inactive video tokens hidden on the steps that recompute the set
             self.pruned_mask = KeyMask(inputs.attention_mask, capacity, kind, inputs.dtype)
             self.pruned_mask.allow_changes()
-        self.copies: dict[int, tuple[torch.Tensor, ...]] = {}  # layer -> (compact keys, compact values, full k, full v)
-        self.src_rows = self.dst_rows = None  # (B * heads * K,) flat rows of this step's copies
-        self.decoded_slot = torch.zeros(1, dtype=torch.long, device=device)  # compact slot of this step's token
         self.key_length = self.prefill_length  # full-cache key length at the current step (a Python int)
-        mark_static(self.step, self.slot, self.previous_direction, self.active, self.recomputed, self.similarity,
-                    self.entered, self.decoded_slot, self.key_valid.values, self.pruned_mask.values)
+        mark_static(self.step, self.slot, self.previous_direction, self.log,
+                    self.key_valid.values, self.pruned_mask.values, *tensors)
 
     # ---- hooks ---------------------------------------------------------------------------------------------------
 
     def begin_step(self, cache) -> None:
         self.slot.copy_(self.step)
         self.step.add_(1)
-        self.decoded_slot.copy_(self.slot + 1 + self.others + self.keep)
         # The full cache's key length after this step's update: the static cache's fixed size, or the dynamic
         # cache's current length plus this token (Python ints, read from shapes).
         self.key_length = cache.layers[0].get_mask_sizes(1)[0]
         decoded = self.key_length - self.prefill_length
-        if decoded > self.recomputed.shape[1]:  # a dynamic cache longer than planned (eager decoding only)
+        if decoded > self.log.shape[1]:  # a dynamic cache longer than planned (eager decoding only)
             self._grow(decoded + 256)
         self.key_valid.mark_decoded(self.slot)
         self.pruned_mask.mark_decoded(self.slot)
+        if self.compact:
+            self.decoded_slot.copy_(self.slot + self.decoded_start)
 
     def layer_inputs(self, layer_idx: int, inputs: LayerInputs, cache) -> LayerInputs:
-        if self.phase != DECODE or layer_idx < self.first_pruned:
+        if layer_idx < self.first_pruned:
+            return inputs
+        if self.phase == PREFILL:
+            mask = inputs.attention_mask
+            if self.compact and mask is not None and mask.shape[-1] > self.prefill_length:
+                # A static cache's prefill mask spans its whole length; this layer attends over the prefill only.
+                return inputs._replace(attention_mask=mask[..., : self.prefill_length])
             return inputs
         decoded = self.key_length - self.prefill_length
         prefix = self.others + self.keep if self.compact else self.prefill_length
@@ -205,22 +228,26 @@ class DyCokeKVState(DecodeState):
             self._decide(decoder_layer, inputs, cache)
 
     def keeps_full_cache(self, layer_idx: int) -> bool:
-        return not (self.compact and self.phase == DECODE and layer_idx >= self.first_pruned)
+        return not (self.compact and layer_idx >= self.first_pruned)
 
     def update_cache(self, layer_idx, key, value, keys, values):
         if not self.compact or layer_idx < self.first_pruned:
             return keys, values
         if self.phase == PREFILL:
-            self._start_copy(layer_idx, keys, values)
-            return keys, values
-        compact_keys, compact_values, full_keys, full_values = self.copies[layer_idx]
-        head_dim = key.shape[-1]
-        for compact, full, new in ((compact_keys, full_keys, key), (compact_values, full_values, value)):
-            entering = full.reshape(-1, head_dim).index_select(0, self.src_rows)
-            compact.view(-1, head_dim).index_copy_(0, self.dst_rows, entering)
-            compact.index_copy_(2, self.decoded_slot, new)
+            self._start_store(layer_idx, key, value)
+            return key, value  # the prefill is exact: it attends over its own keys
+        store = self.stores[layer_idx]
+        if torch.compiler.is_compiling():  # in place on the store itself: compiled code copies a reshaped view whole
+            kv, row, head = self.store_index
+            source, target = self.copy_from[:, None, :], self.copy_to[:, None, :]  # (B, 1, K): each row, every head
+            store.index_put_((kv, row, head, target), store[kv, row, head, source])
+        else:  # whole-row copies: several times faster than element-wise indexing when not compiled
+            rows = store.view(-1, store.shape[-1])
+            rows.index_copy_(0, self.rows_to, rows.index_select(0, self.rows_from))
+        store.index_copy_(3, self.decoded_slot, torch.stack([key, value]))
         length = self.others + self.keep + self.key_length - self.prefill_length
-        return compact_keys[:, :, 1 : 1 + length], compact_values[:, :, 1 : 1 + length]
+        view = store[:, :, :, self.other_start : self.other_start + length]
+        return view[0], view[1]
 
     # ---- the decision (layer L-1) --------------------------------------------------------------------------------
 
@@ -242,104 +269,102 @@ class DyCokeKVState(DecodeState):
         # As in the public code, a_prev follows every step, not only the steps that recompute.
         self.previous_direction.copy_(direction)
         scores = video_attention if layout.uniform else video_attention.masked_fill(~layout.video_valid, -math.inf)
-        candidates = layout.video_index.gather(1, scores.topk(self.keep, dim=1).indices)  # most attended first
+        candidates = scores.topk(self.keep, dim=1).indices  # video tokens, most attended first
         if self.compact:
-            entered = self._plan_copies(candidates, recompute)
+            entered = self._copy_in(candidates, recompute)
         else:
             entered = self._hide_inactive(candidates, recompute)
-        self.recomputed.index_copy_(1, self.slot, recompute[:, None])
-        self.similarity.index_copy_(1, self.slot, torch.where(first, math.nan, similarity)[:, None])
-        self.entered.index_copy_(1, self.slot, entered[:, None])
+        record = torch.stack([recompute.float(), torch.where(first, math.nan, similarity), entered.float()], dim=1)
+        self.log.index_copy_(1, self.slot, record[:, None])
         if self.history is not None:
-            self.history.index_copy_(1, self.slot, self.active[:, None, : self.keep])
+            self.history.index_copy_(1, self.slot, self._active_positions()[:, None])
 
-    def _plan_copies(self, candidates: torch.Tensor, recompute: torch.Tensor) -> torch.Tensor:
-        """Update the active set to ``candidates`` in the rows that ``recompute``, keeping in its slot every token
-        that stays and giving the slots of the tokens that leave to those that enter; sets this step's copies
-        (``src_rows`` -> ``dst_rows``, scratch for unused copies). Returns how many tokens entered, per row."""
-        layout, keep = self.layout, self.keep
-        held = self.active[:, :keep]
-        none = self.prefill_length  # an extra map column for empty slots and unused candidates
-        held_index = torch.where(held >= 0, held, none)
-        candidate_index = torch.where(layout.active_valid, candidates, none)
-        held_map = _membership(held_index, none)
-        candidate_map = _membership(candidate_index, none)
-        update = layout.active_valid & recompute[:, None]
-        entering = update & ~held_map.gather(1, candidate_index)
-        leaving = update & ~candidate_map.gather(1, held_index)
-        # The i-th entering token takes the i-th leaving slot (both lists have the same length per row).
-        enter_order = torch.sort((~entering).to(torch.uint8), dim=1, stable=True).indices
-        leave_order = torch.sort((~leaving).to(torch.uint8), dim=1, stable=True).indices
-        count = entering.sum(dim=1)
-        used = torch.arange(keep, device=count.device) < count[:, None]
-        source = torch.where(used, candidates.gather(1, enter_order), 0)  # unused copies read position 0...
-        slot = torch.where(used, leave_order, keep)  # ... and land in the active set's scratch column
-        self.active.scatter_(1, slot, torch.where(used, source, -1))
-        target = torch.where(used, 1 + self.others + leave_order, _SCRATCH)
-        self.src_rows.copy_((self.src_offsets + source[:, None, :]).reshape(-1))
-        self.dst_rows.copy_((self.dst_offsets + target[:, None, :]).reshape(-1))
-        return count
+    def _copy_in(self, candidates: torch.Tensor, recompute: torch.Tensor) -> torch.Tensor:
+        """Make ``candidates`` (video token numbers) the active set of the rows that ``recompute``: this step copies
+        their store rows into the active slots (``copy_from`` -> ``copy_to``); rows that keep their set copy the
+        scratch slot onto itself. Returns how many tokens entered the set, per row."""
+        update = self.layout.active_valid & recompute[:, None]
+        entered = (update & ~self._held(candidates)).sum(dim=1)
+        self.active.copy_(torch.where(update, candidates, self.active))
+        self.copy_from.copy_(torch.where(update, 1 + candidates, 0))
+        self.copy_to.copy_(torch.where(update, self.active_start + torch.arange(self.keep, device=update.device), 0))
+        if not torch.compiler.is_compiling():  # the same row numbers serve every layer's store this step
+            self.rows_from, self.rows_to = self.rows(self.copy_from), self.rows(self.copy_to)
+        return entered
 
     def _hide_inactive(self, candidates: torch.Tensor, recompute: torch.Tensor) -> torch.Tensor:
         """Public quirks: layers >= L see the full cache, less the video tokens outside this step's top set on the
         steps that recompute it (and everything on the steps that keep it, as the public code does)."""
         layout = self.layout
-        previous = self.active[:, : self.keep]
-        self.active[:, : self.keep].copy_(torch.where(recompute[:, None], candidates, previous))
-        none = self.prefill_length
-        active_map = _membership(torch.where(layout.active_valid, self.active[:, : self.keep], none), none)
-        video_map = _membership(torch.where(layout.video_valid, layout.video_index, none), none)
-        hidden = video_map & ~active_map & recompute[:, None]
-        self.pruned_mask.set_prefix(self.inputs.attention_mask & ~hidden[:, :none])
-        return torch.where(recompute, layout.active_valid.sum(dim=1), 0)
+        update = layout.active_valid & recompute[:, None]
+        entered = (update & ~self._held(candidates)).sum(dim=1)
+        self.active.copy_(torch.where(update, candidates, self.active))
+        visible = self._held(torch.arange(self.videos, device=update.device).expand_as(layout.video_valid))
+        hidden = layout.video_valid & ~visible & recompute[:, None]
+        mask = self.inputs.attention_mask.clone()
+        mask.scatter_(1, layout.video_index, mask.gather(1, layout.video_index) & ~hidden)
+        self.pruned_mask.set_prefix(mask)
+        return entered
 
-    # ---- the compact copies (layers >= L) ------------------------------------------------------------------------
+    def _held(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Whether each of ``tokens`` (video token numbers, (B, T)) is in the active set."""
+        held = torch.zeros(tokens.shape[0], self.videos + 1, dtype=torch.bool, device=tokens.device)
+        held.scatter_(1, self.active, True)
+        held[:, self.videos] = False
+        return held.gather(1, tokens)
 
-    def _start_copy(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """At the prefill: this layer's compact copy, holding the other prefill tokens already."""
-        batch, heads, source_length, head_dim = keys.shape
-        capacity = 1 + self.others + self.keep + self.recomputed.shape[1]
-        if self.src_rows is None:
-            offsets = torch.arange(batch * heads, device=keys.device).view(batch, heads, 1)
-            self.src_offsets, self.dst_offsets = offsets * source_length, offsets * capacity
-            self.src_rows = torch.zeros(batch * heads * self.keep, dtype=torch.long, device=keys.device)
-            self.dst_rows = torch.zeros_like(self.src_rows)
-            mark_static(self.src_rows, self.dst_rows, self.src_offsets, self.dst_offsets)
-        other_rows = (self.src_offsets + self.layout.other_index[:, None, :]).reshape(-1)
-        copies = []
-        for full in (keys, values):
-            compact = full.new_zeros(batch, heads, capacity, head_dim)
-            compact[:, :, 1 : 1 + self.others] = full.reshape(-1, head_dim)[other_rows].view(batch, heads, -1, head_dim)
-            mark_static(compact)
-            copies.append(compact)
-        self.copies[layer_idx] = (*copies, keys, values)
+    def _active_positions(self) -> torch.Tensor:
+        """(B, K) prompt positions of the active video tokens (unused slots: any position)."""
+        return self.layout.video_index.gather(1, self.active.clamp(max=self.videos - 1))
+
+    def rows(self, slots: torch.Tensor) -> torch.Tensor:
+        """Row numbers in ``store.view(-1, head_dim)`` of per-row store ``slots`` (B, K), for keys and values and
+        every head."""
+        return (self.row_base + slots[None, :, None, :]).reshape(-1)
+
+    # ---- the stores (layers >= L) --------------------------------------------------------------------------------
+
+    def _start_store(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """At the prefill: this layer's store, holding the video and other prefill tokens (no active copy yet)."""
+        batch, heads, length, head_dim = keys.shape
+        slots = self.decoded_start + self.log.shape[1]
+        if self.row_base is None:
+            device = keys.device
+            self.store_index = (torch.arange(2, device=device).view(2, 1, 1, 1),
+                                torch.arange(batch, device=device).view(1, batch, 1, 1),
+                                torch.arange(heads, device=device).view(1, 1, heads, 1))
+            self.row_base = torch.arange(2 * batch * heads, device=device).view(2, batch, heads, 1) * slots
+            mark_static(*self.store_index, self.row_base)
+        layout = self.layout
+        sources = torch.cat([torch.zeros_like(layout.other_index[:, :1]), layout.video_index, layout.other_index], 1)
+        sources = sources[:, None, :, None].expand(-1, heads, -1, head_dim)
+        store = keys.new_zeros(2, batch, heads, slots, head_dim)
+        store[0, :, :, : self.active_start] = keys.gather(2, sources)
+        store[1, :, :, : self.active_start] = values.gather(2, sources)
+        mark_static(store)
+        self.stores[layer_idx] = store
 
     def _grow(self, decoded_capacity: int) -> None:
         """Room for more decoded tokens than planned (a dynamic cache, eager decoding)."""
-        self.recomputed = _extended(self.recomputed, 1, decoded_capacity, False)
-        self.similarity = _extended(self.similarity, 1, decoded_capacity, math.nan)
-        self.entered = _extended(self.entered, 1, decoded_capacity, 0)
+        self.log = _extended(self.log, 1, decoded_capacity, 0)
         if self.history is not None:
             self.history = _extended(self.history, 1, decoded_capacity, 0)
         self.key_valid.grow(decoded_capacity)
         self.pruned_mask.grow(decoded_capacity)
-        if self.copies:
-            old_capacity = next(iter(self.copies.values()))[0].shape[2]
-            capacity = 1 + self.others + self.keep + decoded_capacity
-            for layer_idx, (keys, values, full_keys, full_values) in self.copies.items():
-                self.copies[layer_idx] = (
-                    _extended(keys, 2, capacity, 0), _extended(values, 2, capacity, 0), full_keys, full_values
-                )
-            self.dst_offsets = self.dst_offsets // old_capacity * capacity
+        if self.compact and self.stores:
+            slots, old_slots = self.decoded_start + decoded_capacity, next(iter(self.stores.values())).shape[3]
+            self.stores = {layer: _extended(store, 3, slots, 0) for layer, store in self.stores.items()}
+            self.row_base = self.row_base // old_slots * slots
 
     # ---- statistics ----------------------------------------------------------------------------------------------
 
     def summary(self) -> dict:
-        """``image_tokens`` and ``active_image_tokens``: video tokens per row (the active count is the same at every step);
-        ``decode_steps``; per row: ``recomputations`` (the first step counts), ``recompute_steps``, ``entered``
+        """``image_tokens`` and ``active_image_tokens``: video tokens per row (the active count is the same at every
+        step); ``decode_steps``; per row: ``recomputations`` (the first step counts), ``recompute_steps``, ``entered``
         (tokens that entered the active set at each step) and ``similarity`` (cos(a, a_prev) per step, NaN first)."""
         steps = int(self.step)
-        recomputed = self.recomputed[:, :steps].tolist()
+        log = self.log[:, :steps].cpu()
+        recomputed = (log[..., 0] > 0).tolist()
         return {
             "mode": "compact" if self.compact else "public_quirks",
             "layer": self.method.layer,
@@ -349,8 +374,8 @@ class DyCokeKVState(DecodeState):
             "decode_steps": steps,
             "recomputations": [sum(row) for row in recomputed],
             "recompute_steps": [[step for step, hit in enumerate(row) if hit] for row in recomputed],
-            "entered": self.entered[:, :steps].tolist(),
-            "similarity": self.similarity[:, :steps].tolist(),
+            "entered": log[..., 2].long().tolist(),
+            "similarity": log[..., 1].tolist(),
         }
 
     def active_positions(self, row: int = 0) -> list[torch.Tensor]:
@@ -366,12 +391,3 @@ def _extended(tensor: torch.Tensor, dim: int, size: int, fill) -> torch.Tensor:
     shape = list(tensor.shape)
     shape[dim] = size - tensor.shape[dim]
     return torch.cat([tensor, tensor.new_full(shape, fill)], dim=dim)
-
-
-def _membership(index: torch.Tensor, width: int) -> torch.Tensor:
-    """(B, width + 1) bool map of the positions in ``index`` (B, K); column ``width`` collects the 'none' entries
-    and is always False."""
-    found = torch.zeros(index.shape[0], width + 1, dtype=torch.bool, device=index.device)
-    found.scatter_(1, index, True)
-    found[:, width] = False
-    return found

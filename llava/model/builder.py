@@ -176,7 +176,7 @@ def load_pretrained_model(
     ``llava.compression.settings``), ``multimodal`` (accepted and ignored, as lmms-eval passes it), and the
     from_pretrained options in ``FROM_PRETRAINED_KWARGS``.
     """
-    from llava.compression.settings import pop_compression_kwargs
+    from llava.compression.settings import pop_compression_kwargs, settings_from_kwargs
 
     if model_base is not None:
         raise NotImplementedError("model_base (LoRA / projector-only checkpoints) is not supported; pass a full checkpoint.")
@@ -194,6 +194,8 @@ def load_pretrained_model(
     config = _apply_customized_config(config, customized_config)
     for key, value in (overwrite_config or {}).items():
         setattr(config, key, value)
+    # Checked (and warned about) now, against the checkpoint's layer count, before any weight is read.
+    compression_settings = settings_from_kwargs(compression, num_layers=config.num_hidden_layers)
 
     # Cheap parts first, so that a broken file fails fast, before gigabytes of weights are read.
     tokenizer = _load_tokenizer(folder, config)
@@ -224,7 +226,7 @@ def load_pretrained_model(
             model.resize_token_embeddings(len(tokenizer))
 
     model.get_vision_tower().image_processor = image_processor
-    model.configure_compression(**compression)
+    model.set_compression(compression_settings)
 
     for key in ("max_sequence_length", "max_position_embeddings", "tokenizer_model_max_length"):
         if getattr(config, key, None):

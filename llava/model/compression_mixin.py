@@ -28,7 +28,7 @@ from llava.compression.base import TokenSelection, VideoTokenCompressor
 from llava.compression.decoding import DecodeCompressor, GenerationInputs, make_generation_cache
 from llava.compression.dycoke_kv import DyCokeKV
 from llava.compression.fastv import FastV
-from llava.compression.settings import CompressionSettings, settings_from_kwargs
+from llava.compression.settings import CompressionSettings, check_setting, settings_from_kwargs
 from llava.compression.ttm import TemporalTokenMerging
 from llava.compression.vidcom2 import VidCom2
 
@@ -78,15 +78,20 @@ class CompressionMixin:
 
     def configure_compression(self, **kwargs) -> CompressionSettings:
         """Change compression arguments (``dycoke=True``, ``compressor="vidcom2"``, ``dycoke_p=0.5`` ...)."""
-        settings = settings_from_kwargs(kwargs, self.compression, self.config.num_hidden_layers)
-        setup = CompressionSetup.build(settings)  # raises before anything changed
+        return self.set_compression(settings_from_kwargs(kwargs, self.compression, self.config.num_hidden_layers))
+
+    def set_compression(self, settings: CompressionSettings) -> CompressionSettings:
+        """Use ``settings`` (from :func:`~llava.compression.settings.settings_from_kwargs`): everything is built
+        and checked before the model changes, so a rejected setting leaves it as it was."""
+        for name in ("dycoke_l", "fastv_k"):  # settings made without this model's layer count
+            check_setting(name, getattr(settings, name), self.config.num_hidden_layers)
+        setup = CompressionSetup.build(settings)
         self.__dict__["_compression_setup"] = setup
         return settings
 
     def reset_compression(self) -> CompressionSettings:
         """Back to the defaults: no compression, every method's arguments at their default values."""
-        self.__dict__["_compression_setup"] = CompressionSetup.build(CompressionSettings())
-        return self.compression
+        return self.set_compression(CompressionSettings())
 
     @property
     def _setup(self) -> CompressionSetup:
