@@ -5,12 +5,17 @@ The layout is the real one: a flat Qwen2 ``config.json`` with the ``mm_*`` field
 the original weight names; tied embeddings without ``lm_head.weight``; tokenizer files with Qwen's
 chat special tokens; and a local SigLIP folder (published, un-cut config) named by ``mm_vision_tower``.
 Tests, the demo and the benchmark build their models with it: no network is ever needed.
+
+From a shell: ``llava-make-checkpoint OUT [--preset tiny|small|llava-video-tiny] [--seed N] [--force]``
+(see :func:`main`).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -275,3 +280,62 @@ def scale_attention_logits(model, scale: float) -> None:
                 projection.weight.mul_(factor)
                 if projection.bias is not None:
                     projection.bias.mul_(factor)
+
+
+# ---- the llava-make-checkpoint command --------------------------------------------------------------------------
+
+PRESET_HELP = {
+    "tiny": "hidden 64, 4 layers, 16 tokens per frame: builds in a second; what the tests use",
+    "small": "hidden 256, 8 layers, 49 tokens per frame: the llava-video built-in model (about 25 MB)",
+    "llava-video-tiny": "the tiny sizes in the LLaVA-Video layout (newline per row, average pooling)",
+}
+WEIGHT_FILE_PATTERNS = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json")
+
+
+def _checkpoint_parser() -> argparse.ArgumentParser:
+    presets = "\n".join(f"  {name:<17} {PRESET_HELP.get(name, '')}" for name in PRESETS)
+    parser = argparse.ArgumentParser(
+        prog="llava-make-checkpoint",
+        description="Write a small random-weight LLaVA-OneVision checkpoint in the real lmms-lab on-disk format,\n"
+        "offline. Its answers are noise, but it runs everything a real checkpoint runs: loading,\n"
+        "compression, llava-video, the README's Python example, lmms-eval.",
+        epilog=f"presets:\n{presets}\n\nexamples:\n"
+        "  llava-make-checkpoint ./llava-tiny --preset tiny\n"
+        "  llava-video --model ./llava-tiny --compare",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("out", metavar="OUT", help="folder to write (must not exist or be empty, unless --force)")
+    parser.add_argument("--preset", default="small", choices=list(PRESETS), metavar="PRESET",
+                        help=f"model sizes: {', '.join(PRESETS)} (default: %(default)s; see below)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="random seed of the weights; the same seed gives the same weights (default: %(default)s)")
+    parser.add_argument("--force", action="store_true",
+                        help="write into a non-empty OUT, replacing the checkpoint files there")
+    return parser
+
+
+def main(argv=None) -> int:
+    """``llava-make-checkpoint OUT [--preset ...] [--seed N] [--force]``: write a checkpoint to OUT."""
+    parser = _checkpoint_parser()
+    args = parser.parse_args(argv)
+    out = Path(args.out).expanduser()
+    if out.exists() and not out.is_dir():
+        parser.error(f"OUT {str(out)!r} is a file, not a folder.")
+    if out.is_dir() and any(out.iterdir()):
+        if not args.force:
+            parser.error(f"OUT {str(out)!r} exists and is not empty; choose another folder, or pass --force "
+                         "to write the checkpoint into it (its checkpoint files are replaced).")
+        # Old weight files must not mix with the new ones (e.g. old shards next to a new single file).
+        for pattern in WEIGHT_FILE_PATTERNS:
+            for stale in out.glob(pattern):
+                stale.unlink()
+    print(f"Writing the {args.preset!r} checkpoint (seed {args.seed}) to {out} ...", file=sys.stderr, flush=True)
+    make_tiny_checkpoint(out, args.preset, seed=args.seed)
+    size_mb = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 1e6
+    print(f"Wrote {out} ({size_mb:.1f} MB, random weights: answers are noise).")
+    print(f"Use it: llava-video --model {out}  (or pass the folder to load_pretrained_model)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,11 +1,9 @@
-"""``llava-video``: ask a question about a video, with or without video-token compression.
+"""The ``llava-video`` command: ask a question about a video, with or without video-token compression.
 
-    llava-video [VIDEO] ["question"] [--model PATH_OR_HUB_ID] [--compressor dycoke|vidcom2|fastv|none]
-                [--frames 32] [--compare] [--visualize out.png]
-
-With no ``--model`` it runs the built-in small random-weight checkpoint (its answers are noise: it shows
-the pipeline, the token counts and the timings, not understanding). With no VIDEO it uses a generated
-sample video.
+``llava-video --help`` shows every option. The steps: check the options (compression settings with the library's
+own validator, before anything is loaded), decode the sampled frames (a bad video fails fast), load the model,
+generate with each method (``--compare``: the baseline too; ``--runs`` timed runs each after a warm-up), print the
+answers and a table of token counts and timings.
 """
 
 from __future__ import annotations
@@ -13,37 +11,154 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
+import statistics
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
 import torch
 
+from llava.compression.settings import METHOD_ARGUMENTS, CompressionSettings, check_setting, settings_from_kwargs
+
 COMPRESSORS = ("dycoke", "vidcom2", "fastv", "none")
 DEFAULT_QUESTION = "What happens in this video? Describe the moving object."
+DEFAULT_RUNS_WITH_COMPARE = 3
+ANSWER_CELL_WIDTH = 40  # characters of the answer shown in the table (the full answer is printed above it)
+
+# The compression settings the command has an option for; each option is the setting's name with dashes.
+COMPRESSION_OPTIONS = ("dycoke_k", "dycoke_l", "dycoke_p", "dycoke_public_quirks", "vidcom2_r", "fastv_k", "fastv_r")
+LAYER_OPTIONS = ("dycoke_l", "fastv_k")  # their upper bound is the model's layer count, known once it is found
+
+DESCRIPTION = """\
+Ask a question about a video, with or without video-token compression (DyCoke, VidCom2,
+FastV), and print the answer, the number of video tokens that enter the language model,
+and the timings.
+
+With no --model it runs a built-in small random-weight checkpoint: its answers are noise
+(it shows the pipeline, the token counts and the timings, not understanding). With no
+VIDEO it uses a generated sample video."""
+
+EPILOG = """\
+examples:
+  llava-video --compare
+      built-in model, generated video: the baseline next to DyCoke
+  llava-video clip.mp4 "What is the person holding?" --model lmms-lab/llava-onevision-qwen2-7b-ov
+      a real checkpoint (downloaded once), DyCoke with its default settings
+  llava-video clip.mp4 --compressor vidcom2 --vidcom2-r 0.25 --compare --runs 5 --visualize kept.png
+      VidCom2 against the baseline, 5 timed runs each, and a picture of the kept tokens
+
+A small local checkpoint to try things offline: llava-make-checkpoint ./llava-tiny --preset tiny"""
+
+
+def option_name(setting: str) -> str:
+    """``dycoke_p`` -> ``--dycoke-p``."""
+    return "--" + setting.replace("_", "-")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = CompressionSettings()
+    parser = argparse.ArgumentParser(
+        prog="llava-video",
+        usage="%(prog)s [VIDEO] [QUESTION] [options]",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(prog, max_help_position=30),
+    )
+    parser.add_argument("video", nargs="?", metavar="VIDEO", help="video file (default: a generated sample video)")
+    parser.add_argument("question", nargs="?", metavar="QUESTION", default=DEFAULT_QUESTION,
+                        help="the question, quoted (default: %(default)r)")
+
+    run = parser.add_argument_group("model and run")
+    run.add_argument("--model", metavar="PATH_OR_HUB_ID",
+                     help="checkpoint folder or hub id (default: the built-in small random-weight model)")
+    run.add_argument("--compressor", default="dycoke", choices=COMPRESSORS,
+                     help="video-token compression to run (default: %(default)s)")
+    run.add_argument("--compare", action="store_true",
+                     help="also run the baseline (no compression) and print both side by side")
+    run.add_argument("--runs", type=int, metavar="N",
+                     help=f"timed runs per method after a warm-up; the table shows their median and range "
+                          f"(default: {DEFAULT_RUNS_WITH_COMPARE} with --compare, else 1)")
+    run.add_argument("--frames", type=int, default=32, metavar="N",
+                     help="frames sampled uniformly from the video (default: %(default)s)")
+    run.add_argument("--max-new-tokens", type=int, default=32, metavar="N",
+                     help="longest answer, in tokens (default: %(default)s)")
+    run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                     help="torch device: cpu, cuda, cuda:1, ... (default: cuda when available, else cpu; "
+                          "here: %(default)s)")
+    run.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
+                     help="weight and activation type (default: bfloat16 on CUDA, float32 on CPU)")
+    run.add_argument("--attn", default="sdpa", choices=("sdpa", "eager", "flash_attention_2"),
+                     help="attention implementation; flash_attention_2 needs CUDA and flash-attn, else sdpa is "
+                          "used (default: %(default)s)")
+    run.add_argument("--conv-template", default="qwen_1_5", metavar="NAME",
+                     help="conversation template of the prompt, from llava.conversation (default: %(default)s)")
+    run.add_argument("--visualize", metavar="PNG",
+                     help="write a picture of the sampled frames and the tokens each method keeps to this file")
+
+    compression = parser.add_argument_group(
+        "compression settings",
+        "Only the selected --compressor's own settings are used. Each is checked before anything is\n"
+        "loaded; the layer settings again against the model's layer count once it is found.")
+    compression.add_argument("--dycoke-k", type=float, metavar="K",
+                             help=f"DyCoke: share of video tokens temporal merging removes, in [0, 1); 0 turns "
+                                  f"merging off (default: {defaults.dycoke_k})")
+    compression.add_argument("--dycoke-l", type=int, metavar="L",
+                             help=f"DyCoke: KV pruning is decided at layer L-1 and applied from layer L on; an "
+                                  f"integer in [1, layers-1] (default: {defaults.dycoke_l})")
+    compression.add_argument("--dycoke-p", type=float, metavar="P",
+                             help=f"DyCoke: share of the video tokens' keys/values left out of attention at each "
+                                  f"decoding step, in [0, 1); 0 turns pruning off (default: {defaults.dycoke_p})")
+    compression.add_argument("--dycoke-public-quirks", action="store_const", const=True,
+                             help="DyCoke: decode exactly as the public DyCoke code does (its two differences, "
+                                  "see the README's notes on fidelity) (default: off)")
+    compression.add_argument("--vidcom2-r", type=float, metavar="R",
+                             help=f"VidCom2: share of video tokens kept, in (0, 1] (default: {defaults.vidcom2_r})")
+    compression.add_argument("--fastv-k", type=int, metavar="K",
+                             help=f"FastV: layer from which video tokens are dropped; an integer in [1, layers-1] "
+                                  f"(default: {defaults.fastv_k})")
+    compression.add_argument("--fastv-r", type=float, metavar="R",
+                             help=f"FastV: share of video tokens dropped at layer K, in [0, 1) "
+                                  f"(default: {defaults.fastv_r})")
+    return parser
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="llava-video", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("video", nargs="?", help="video file (default: a generated sample video)")
-    parser.add_argument("question", nargs="?", default=DEFAULT_QUESTION)
-    parser.add_argument("--model", help="checkpoint folder or hub id (default: the built-in small random-weight model)")
-    parser.add_argument("--compressor", default="dycoke", choices=COMPRESSORS)
-    parser.add_argument("--frames", type=int, default=32, help="frames sampled uniformly (default 32)")
-    parser.add_argument("--compare", action="store_true", help="also run the baseline and print both side by side")
-    parser.add_argument("--visualize", metavar="PNG", help="write a picture of the kept tokens to this PNG file")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
-                        help="default: bfloat16 on CUDA, float32 on CPU")
-    parser.add_argument("--attn", default="sdpa", choices=("sdpa", "eager", "flash_attention_2"))
-    parser.add_argument("--conv-template", default="qwen_1_5")
-    for name, default in (("dycoke-k", 0.7), ("dycoke-l", 3), ("dycoke-p", 0.7), ("vidcom2-r", 0.25)):
-        parser.add_argument(f"--{name}", type=type(default), default=default)
+    """The options, checked: an invalid value is a usage error (exit code 2) that names the option."""
+    parser = build_parser()
     args = parser.parse_args(argv)
-    if args.frames < 1:
-        parser.error(f"--frames must be >= 1, got {args.frames}")
+    for name in ("frames", "max_new_tokens", "runs"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"{option_name(name)} must be >= 1, got {value}")
+    if args.runs is None:
+        args.runs = DEFAULT_RUNS_WITH_COMPARE if args.compare else 1
+
+    from llava.conversation import conv_templates
+
+    if args.conv_template not in conv_templates:
+        parser.error(f"--conv-template {args.conv_template!r} is unknown; available: {', '.join(sorted(conv_templates))}")
+
+    # Each given compression setting through the library's validator (the layer count is not known yet).
+    for name in COMPRESSION_OPTIONS:
+        value = getattr(args, name)
+        if value is not None:
+            try:
+                check_setting(name, value)
+            except ValueError as error:
+                parser.error(f"argument {option_name(name)}: {error}")
+    ignored = [option_name(name) for name in COMPRESSION_OPTIONS
+               if getattr(args, name) is not None and name not in METHOD_ARGUMENTS.get(args.compressor, ())]
+    if ignored:
+        say(f"warning: ignoring {', '.join(ignored)}: a setting of another method than --compressor "
+            f"{args.compressor}.")
+    args.compression = compression_settings(args, args.compressor)
+    try:  # the settings the model will get, built as the library builds them
+        settings_from_kwargs(args.compression)
+    except ValueError as error:
+        parser.error(str(error))
+
     if args.visualize:  # fail before the model runs, not after
         if importlib.util.find_spec("matplotlib") is None:
             parser.error("--visualize needs matplotlib: pip install 'llava[viz]' (or pip install matplotlib)")
@@ -52,24 +167,68 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def compression_settings(args, compressor: str) -> dict:
+    """The keyword arguments of ``configure_compression`` for ``compressor``: its own settings only (an option not
+    given takes the library default)."""
+    defaults = CompressionSettings()
+    settings = {"compressor": compressor}
+    for name in METHOD_ARGUMENTS.get(compressor, ()):
+        if name in COMPRESSION_OPTIONS:
+            given = getattr(args, name)
+            settings[name] = getattr(defaults, name) if given is None else given
+    return settings
+
+
 def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+@contextlib.contextmanager
+def transformers_progress_bars_off():
+    """Silence transformers' progress bars (its "Loading weights" bar) inside the block; restore them after."""
+    from transformers.utils import logging as transformers_logging
+
+    was_enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            transformers_logging.enable_progress_bar()
+
+
+def check_layer_options(args, folder: Path) -> None:
+    """``--dycoke-l`` / ``--fastv-k`` against the checkpoint's layer count (read from its config.json)."""
+    from llava.model.checkpoint_files import read_json
+
+    num_layers = read_json(folder / "config.json").get("num_hidden_layers")
+    if num_layers is None:
+        return  # the loader reports a config without it
+    for name in LAYER_OPTIONS:
+        if name in args.compression:
+            try:
+                check_setting(name, args.compression[name], num_layers)
+            except ValueError as error:
+                raise ValueError(f"{option_name(name)}: {error}") from None
+
+
 def load(args):
     from llava.checkpoint_maker import builtin_checkpoint
-    from llava.model.builder import load_pretrained_model
+    from llava.model.builder import load_pretrained_model, resolve_checkpoint
 
     model_path = args.model
     if model_path is None:
         say("No --model given: using the built-in small random-weight checkpoint (its answers are random-weight output).")
         model_path = str(builtin_checkpoint())
+    folder = resolve_checkpoint(model_path)  # a hub id is downloaded here, with the hub's progress bars
+    check_layer_options(args, folder)
     dtype = args.dtype or ("bfloat16" if str(args.device).startswith("cuda") else "float32")
     say(f"Loading model {model_path} on {args.device} ({dtype}, {args.attn}) ...")
     started = time.perf_counter()
-    loaded = load_pretrained_model(
-        model_path, None, "llava_qwen", device_map=args.device, torch_dtype=dtype, attn_implementation=args.attn
-    )
+    with transformers_progress_bars_off():
+        loaded = load_pretrained_model(
+            str(folder), None, "llava_qwen", device_map=args.device, torch_dtype=dtype, attn_implementation=args.attn
+        )
     say(f"Model loaded in {time.perf_counter() - started:.1f} s.")
     return loaded
 
@@ -102,49 +261,123 @@ def prompt_ids(tokenizer, question: str, template: str) -> torch.Tensor:
     return tokenizer_image_token(conv.get_prompt(), tokenizer, IMAGE_TOKEN_INDEX, return_tensors="pt")[None]
 
 
-def compression_args(args, compressor: str) -> dict:
-    return {
-        "compressor": compressor, "dycoke_k": args.dycoke_k, "dycoke_l": args.dycoke_l, "dycoke_p": args.dycoke_p,
-        "vidcom2_r": args.vidcom2_r,
-    }
+def generate_kwargs(model, tokenizer, pixels, max_new_tokens: int) -> dict:
+    """The keyword arguments of ``model.generate`` besides the prompt ids: the video, greedy decoding."""
+    return {"images": [pixels.to(model.device)], "modalities": ["video"], "max_new_tokens": max_new_tokens,
+            "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
 
 
-def run_once(model, tokenizer, ids, pixels, args, compressor: str) -> dict:
+def warm_up(model, tokenizer, ids, pixels, args, compressors) -> None:
+    """One short untimed run per method, so that no timed run pays a first call's one-time costs."""
+    say("Warming up (one short untimed run per method) ...")
+    for compressor in compressors:
+        model.configure_compression(**compression_settings(args, compressor))
+        model.generate(ids.to(model.device), **generate_kwargs(model, tokenizer, pixels, max_new_tokens=2))
+
+
+def measure(model, tokenizer, ids, pixels, args, compressor: str) -> dict:
+    """``args.runs`` timed generations with ``compressor``: the answer, the token count and every run's timing."""
     from llava.timing import timed_generate
 
-    model.configure_compression(**compression_args(args, compressor))
-    say(f"Generating with compressor={compressor} ...")
-    # --visualize records the kept tokens for the picture (no host-device sync added while generating).
-    recording = model.compression_trace() if args.visualize else contextlib.nullcontext()
-    with recording as trace:
-        output, timing = timed_generate(
-            model, ids.to(model.device), images=[pixels.to(model.device)], modalities=["video"],
-            max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-        )
+    settings = compression_settings(args, compressor)
+    model.configure_compression(**settings)
+    details = ", ".join(f"{name}={value}" for name, value in settings.items() if name != "compressor")
+    say(f"Generating with compressor={compressor}{f' ({details})' if details else ''}, {args.runs} run(s) ...")
+    timings, trace = [], None
+    for _ in range(args.runs):
+        # --visualize records the kept tokens for the picture (no host-device sync added while generating).
+        recording = model.compression_trace() if args.visualize else contextlib.nullcontext()
+        with recording as recorded:
+            output, timing = timed_generate(model, ids.to(model.device),
+                                            **generate_kwargs(model, tokenizer, pixels, args.max_new_tokens))
+        timings.append(timing)
+        trace = recorded  # the last run's (all runs decode the same tokens)
     stats = model.last_compression_stats
     return {
         "compressor": compressor,
-        "answer": tokenizer.decode(output[0], skip_special_tokens=True).strip(),
-        "visual_tokens": stats["video_tokens_after"],
-        "timing": timing,
+        "answer": tokenizer.decode(output[0], skip_special_tokens=True).strip(),  # greedy: the same in every run
+        "video_tokens": stats["video_tokens_after"],
+        "timings": timings,
         "stats": stats,
         "trace": trace,
     }
 
 
+# ---- printing ----------------------------------------------------------------------------------------------------
+
+
+def escape_char(char: str) -> str:
+    """``char``, or its Python escape (``\\n``, ``\\x07``, ``\\ufffd``) when it is not printable or is U+FFFD, the
+    replacement character a tokenizer emits for bytes that do not decode."""
+    if char.isprintable() and char != "\ufffd":
+        return char
+    return char.encode("unicode_escape").decode("ascii")
+
+
+def one_line(text: str) -> str:
+    """``text`` on one line, every non-printable character escaped."""
+    return "".join(escape_char(char) for char in text)
+
+
+def table_cell(text: str, width: int = ANSWER_CELL_WIDTH) -> str:
+    """``text`` escaped for one table cell (``|`` too), shortened to ``width`` characters with "..."."""
+    pieces = [r"\|" if char == "|" else escape_char(char) for char in text]
+    if sum(map(len, pieces)) <= width:
+        return "".join(pieces)
+    cell = ""
+    for piece in pieces:  # whole escapes only: never cut one in half
+        if len(cell) + len(piece) > width - 3:
+            break
+        cell += piece
+    return cell + "..."
+
+
+def milliseconds(values: list[float | None]) -> str:
+    """The median of ``values`` (seconds) in ms, with the range (min-max) when there are several: "58.4 (55.1-60.2)"."""
+    values = [v * 1e3 for v in values if v is not None]
+    if not values:
+        return "n/a"
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.median(values):.1f} ({min(values):.1f}-{max(values):.1f})"
+
+
 def format_table(results: list[dict]) -> str:
-    header = ["compressor", "visual tokens", "vision ms", "prefill ms", "decode ms/token", "peak memory", "answer"]
+    header = ["compressor", "video tokens", "vision ms", "prefill ms", "decode ms/token", "peak memory", "answer"]
     rows = []
     for result in results:
-        t = result["timing"]
-        memory = f"{t.peak_memory_bytes / 2**20:.0f} MiB" if t.peak_memory_bytes is not None else "n/a (CPU)"
-        decode = f"{t.decode_s_per_token * 1e3:.1f}" if t.decode_s_per_token is not None else "n/a"
-        answer = result["answer"].replace("\n", " ")
-        rows.append([result["compressor"], str(result["visual_tokens"]), f"{t.vision_s * 1e3:.1f}",
-                     f"{t.prefill_s * 1e3:.1f}", decode, memory, answer[:60] + ("..." if len(answer) > 60 else "")])
+        timings = result["timings"]
+        peaks = [t.peak_memory_bytes for t in timings if t.peak_memory_bytes is not None]
+        memory = f"{max(peaks) / 2**20:.0f} MiB" if peaks else "n/a (CPU)"
+        tokens = str(result["video_tokens"]) + ("*" if result["compressor"] == "fastv" else "")
+        rows.append([
+            result["compressor"], tokens,
+            milliseconds([t.vision_s for t in timings]),
+            milliseconds([t.prefill_s for t in timings]),
+            milliseconds([t.median_step_s for t in timings]),
+            memory, table_cell(result["answer"]),
+        ])
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
     line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
     return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])
+
+
+def table_notes(results: list[dict], runs: int) -> list[str]:
+    notes = [
+        ("video tokens: the video tokens that enter the language model after compression (newline tokens "
+         "not counted)."),
+        "decode ms/token: the median interval between consecutive new tokens of a run.",
+    ]
+    if any(result["compressor"] == "fastv" for result in results):
+        notes.append("* FastV drops video tokens inside the LM, from layer K on; the column counts the tokens "
+                     "that enter it.")
+    if runs > 1:
+        notes.append(f"Times: median (min-max) of {runs} runs after a warm-up. Timings on a shared machine are noisy "
+                     "(single runs vary several-fold): compare medians, and add --runs when the ranges overlap.")
+    else:
+        notes.append("Times: one run. Timings on a shared machine are noisy (single runs vary several-fold): use "
+                     f"--runs {DEFAULT_RUNS_WITH_COMPARE} or more to compare methods.")
+    return [textwrap.fill(note, width=110, subsequent_indent="  ") for note in notes]
 
 
 def main(argv=None) -> int:
@@ -158,20 +391,21 @@ def main(argv=None) -> int:
         pixels = image_processor.preprocess(frames, return_tensors="pt")["pixel_values"]
         ids = prompt_ids(tokenizer, args.question, args.conv_template)
         compressors = ["none", args.compressor] if args.compare and args.compressor != "none" else [args.compressor]
-        if len(compressors) > 1:  # one untimed short run first, so the first timed method pays no warm-up
-            say("Warming up ...")
-            model.generate(ids.to(model.device), images=[pixels.to(model.device)], modalities=["video"],
-                           max_new_tokens=2, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        results = [run_once(model, tokenizer, ids, pixels, args, c) for c in compressors]
+        if len(compressors) > 1 or args.runs > 1:
+            warm_up(model, tokenizer, ids, pixels, args, compressors)
+        results = [measure(model, tokenizer, ids, pixels, args, c) for c in compressors]
     except (VideoLoadError, FileNotFoundError, OSError, ValueError) as error:
         say(f"error: {error}")
         return 2
-    print(f"Question: {args.question}")
+    print(f"Question: {one_line(args.question)}")
     for result in results:
-        print(f"Answer ({result['compressor']}): {result['answer']}")
+        print(f"Answer ({result['compressor']}): {one_line(result['answer'])}")
     if args.model is None:
         print("(The built-in model has random weights: its answer is noise. Pass --model for a real checkpoint.)")
+    print()
     print(format_table(results))
+    for note in table_notes(results, args.runs):
+        print(note)
     if args.visualize:
         from llava.visualize import write_visualization
 

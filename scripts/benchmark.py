@@ -72,6 +72,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import math
 import os
 import platform
 import re
@@ -962,8 +963,56 @@ def print_report(report: dict) -> None:
         print(f"\nMeasured in {report['wall_s'] / 60:.1f} min.")
 
 
+FIGURE_COLUMNS = 3  # panels per row
+FASTV_COUNT_NOTE = ("* FastV drops video tokens inside the LM, from layer K on; the panel counts the tokens that "
+                    "enter it.")
+
+
+def figure_panels(report: dict) -> dict[str, list[tuple[str, str, str]]]:
+    """Per figure (``latency``, ``memory``): its panels as (result key, regime, title), those measured only."""
+    panels = {
+        "latency": [("ttft_ms", "kept", "time to first token (ms)"),
+                    ("decode_ms_b1", "kept", "decode ms/step, batch 1, kept set"),
+                    ("decode_ms_b8", "kept", f"decode ms/step, batch {DECODE_BATCH}, kept set"),
+                    ("decode_ms_b8", "changing", f"decode ms/step, batch {DECODE_BATCH}, changing set"),
+                    ("e2e_long_ms", "kept", f"{report['long_tokens']}-token answer (ms), kept set")],
+        "memory": [("peak_memory_mib", "kept", "peak memory (MiB), kept set"),
+                   ("visual_tokens", "kept", "visual tokens entering the LM*")],
+    }
+    measured = {regime for by_mode in report["results"].values() for by_regime in by_mode.values()
+                for regime in by_regime}
+    return {name: [panel for panel in rows if panel[1] in measured] for name, rows in panels.items()}
+
+
+def draw_figure(report: dict, panels: list[tuple[str, str, str]]):
+    """One figure: a panel per (key, regime) with a group of bars per method and a bar per (backend, decoding mode),
+    each bar labelled with its value and its ratio to the baseline's; one legend for the whole figure."""
+    import matplotlib.pyplot as plt
+
+    columns = min(len(panels), FIGURE_COLUMNS)
+    rows = math.ceil(len(panels) / columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(5.2 * columns, 3.9 * rows + 0.9), squeeze=False)
+    for axis, (key, regime, title) in zip(axes.flat, panels):
+        _grouped_bars(axis, report["results"], key, regime, title)
+    for axis in list(axes.flat)[len(panels):]:
+        axis.set_visible(False)
+    # Title, then the one legend under it, then the panels (positions in inches from the top, as fractions).
+    height = figure.get_figheight()
+    figure.suptitle(f"{report['config']} ({report['device']}, {report['dtype']}, {report['frames']} frames, median "
+                    f"of {report['runs']} runs)\non each bar: its value and its ratio to the baseline with the same "
+                    "decoding", fontsize=11, y=1 - 0.1 / height, va="top")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="upper center", ncol=len(labels), bbox_to_anchor=(0.5, 1 - 0.58 / height),
+                  frameon=False, fontsize=9)
+    note = FASTV_COUNT_NOTE if any(panel[0] == "visual_tokens" for panel in panels) else None
+    if note:
+        figure.text(0.01, 0.01, note, fontsize=8, va="bottom")
+    figure.tight_layout(rect=(0, 0.3 / height if note else 0, 1, 1 - 0.55 / height))
+    return figure
+
+
 def write_figures(report: dict, folder: Path) -> list[str]:
-    """Bar charts per method, one bar per (attention backend, decoding mode): latency, and memory."""
+    """``benchmark-<config>-latency.png`` and ``-memory.png`` in ``folder`` (see :func:`draw_figure`)."""
     try:
         import matplotlib
 
@@ -973,43 +1022,37 @@ def write_figures(report: dict, folder: Path) -> list[str]:
         print("warning: matplotlib is not installed (pip install matplotlib): no figures written", file=sys.stderr)
         return []
     folder.mkdir(parents=True, exist_ok=True)
-    name = report["config"]
-    latency_panels = [("ttft_ms", "kept", "time to first token (ms)"),
-                      ("decode_ms_b1", "kept", "decode ms/step, batch 1, kept set"),
-                      ("decode_ms_b8", "kept", f"decode ms/step, batch {DECODE_BATCH}, kept set"),
-                      ("decode_ms_b8", "changing", f"decode ms/step, batch {DECODE_BATCH}, changing set"),
-                      ("e2e_long_ms", "kept", f"{report['long_tokens']}-token answer (ms), kept set")]
-    memory_panels = [("peak_memory_mib", "kept", "peak memory (MiB), kept set"),
-                     ("visual_tokens", "kept", "visual tokens")]
     paths = []
-    for suffix, panels in (("latency", latency_panels), ("memory", memory_panels)):
-        panels = [p for p in panels if any(p[1] in by_regime for by_mode in report["results"].values()
-                                           for by_regime in by_mode.values())]
-        figure, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.8), squeeze=False)
-        for axis, (key, regime, title) in zip(axes[0], panels):
-            _grouped_bars(axis, report["results"], key, regime, title)
-        figure.suptitle(f"{name} ({report['device']}, {report['dtype']}, {report['frames']} frames, median of "
-                        f"{report['runs']})")
-        figure.tight_layout()
-        path = folder / f"benchmark-{name}-{suffix}.png"
+    for suffix, panels in figure_panels(report).items():
+        figure = draw_figure(report, panels)
+        path = folder / f"benchmark-{report['config']}-{suffix}.png"
         figure.savefig(path, dpi=110)
         plt.close(figure)
         paths.append(str(path))
     return paths
 
 
+def _bar_label(value: float, baseline: float | None) -> str:
+    """The value (3 significant digits, or its integer part), and under it the ratio to the baseline's value."""
+    text = f"{value:.0f}" if value >= 100 else f"{value:.1f}" if value >= 10 else f"{value:.2f}"
+    return f"{text}\n{value / baseline:.2f}x" if baseline else text
+
+
 def _grouped_bars(axis, results: dict, key: str, regime: str, title: str) -> None:
-    series = [(f"{attn}, {mode}", by_regime.get(regime, {})) for attn, by_mode in results.items()
+    series = [(f"{attn}, {mode} decoding", by_regime.get(regime, {})) for attn, by_mode in results.items()
               for mode, by_regime in by_mode.items()]
     methods = list(dict.fromkeys(m for _, rows in series for m in rows))
     width = 0.8 / max(len(series), 1)
     for index, (label, rows) in enumerate(series):
         values = [(rows.get(m, {}).get(key) or 0) for m in methods]
+        baseline = rows.get("baseline", {}).get(key)
         positions = [i + (index - (len(series) - 1) / 2) * width for i in range(len(methods))]
-        axis.bar(positions, values, width, label=label)
-    axis.set_xticks(range(len(methods)), methods, rotation=20, fontsize=8)
-    axis.set_title(title, fontsize=9)
-    axis.legend(fontsize=7)
+        bars = axis.bar(positions, values, width, label=label)
+        axis.bar_label(bars, [_bar_label(v, baseline) if v else "" for v in values], fontsize=7, padding=2)
+    axis.set_xticks(range(len(methods)), methods, rotation=25, ha="right", rotation_mode="anchor", fontsize=8.5)
+    axis.margins(y=0.2)  # room for the labels above the highest bar
+    axis.set_title(title, fontsize=9.5)
+    axis.spines[["top", "right"]].set_visible(False)
 
 
 def environment(args) -> dict:

@@ -36,6 +36,7 @@ run() {
 }
 
 START=$SECONDS
+FLASH_ATTN="not asked (GPU route only)"
 echo "Installing llava[eval,test] from $ROOT into $("$PYTHON" -c 'import sys; print(sys.prefix)') ($MODE)"
 
 if [ "$MODE" = gpu ]; then
@@ -43,12 +44,17 @@ if [ "$MODE" = gpu ]; then
     # flash-attn builds against the installed torch, so it cannot use pip's isolated build environment.
     # It is optional: without it the loader falls back to sdpa attention.
     run "$PYTHON" -m pip install packaging ninja wheel setuptools
-    run "$PYTHON" -m pip install --no-build-isolation flash-attn \
-        || echo "WARNING: flash-attn did not install; attn_implementation=flash_attention_2 will fall back to sdpa."
+    if run "$PYTHON" -m pip install --no-build-isolation flash-attn; then
+        FLASH_ATTN=installed
+    else
+        FLASH_ATTN="NOT installed (build failed): attn_implementation=flash_attention_2 falls back to sdpa"
+        echo "WARNING: flash-attn did not install; attn_implementation=flash_attention_2 will fall back to sdpa."
+    fi
 else
     # shellcheck disable=SC2086  # TORCH_PIP_ARGS is a list of words
     run "$PYTHON" -m pip install ${TORCH_PIP_ARGS:-} "$TORCH_SPEC"
-    TORCH_VERSION="$("$PYTHON" -c 'import torch; print(torch.__version__.split("+")[0])')"
+    # Asked of the installed package's metadata, not of torch: importing torch before numpy is installed warns.
+    TORCH_VERSION="$("$PYTHON" -c 'from importlib.metadata import version; print(version("torch").split("+")[0])')"
     CONSTRAINTS="$(mktemp)"
     trap 'rm -f "$CONSTRAINTS"' EXIT
     echo "torch==$TORCH_VERSION" > "$CONSTRAINTS"
@@ -72,4 +78,32 @@ for name in ("llava_onevision", "llava_vid"):
 print(f"OK: torch {torch.__version__} (CUDA: {torch.cuda.is_available()}), lmms-eval models -> llava.eval")
 EOF
 run "$PYTHON" -c 'from accelerate.commands.accelerate_cli import main'  # what `accelerate launch` imports
-echo "Done in $((SECONDS - START)) s."
+
+# A short summary: pip's output above is long.
+MODE="$MODE" FLASH_ATTN="$FLASH_ATTN" SECONDS_TAKEN="$((SECONDS - START))" "$PYTHON" - << 'EOF'
+import os
+from importlib.metadata import PackageNotFoundError, version
+
+import torch
+
+
+def installed(name):
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+route = {"cpu": "CPU (CPU torch, pinned while the rest installed)", "gpu": "GPU (CUDA torch, then flash-attn)"}
+cuda = f"yes, {torch.cuda.device_count()} GPU(s)" if torch.cuda.is_available() else "no"
+print()
+print("Summary")
+print(f"  route:         {route[os.environ['MODE']]}")
+print(f"  torch:         {installed('torch')} (CUDA available: {cuda})")
+print(f"  transformers:  {installed('transformers')}")
+print(f"  lmms-eval:     {installed('lmms-eval')}")
+print(f"  llava:         {installed('llava')} (editable)")
+print(f"  flash-attn:    {os.environ['FLASH_ATTN']}")
+print(f"  time:          {os.environ['SECONDS_TAKEN']} s")
+print("Next: llava-video --compare      (then the tests: python -m pytest -q)")
+EOF

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from llava.compression.dycoke_kv import DyCokeKV
 from llava.compression.fastv import FastV
 from llava.compression.ttm import TemporalTokenMerging

@@ -11,7 +11,7 @@ How it runs (per generation, in the cache's :class:`DyCokeKVState`):
 
 - layer L-1, after its stock forward: one query projection of the layer's input and one pass over the layer's
   cached keys give ``a`` (:func:`~llava.compression._attention.mean_head_attention`); the active set is updated on
-  the device with ``torch.where`` (no host read), and so is the list of tokens that entered it this step;
+  the device with ``torch.where`` (no host read), and so are this step's copies into the active slots;
 - layers >= L keep their keys/values in a store of their own laid out
   [scratch | video tokens | non-video prefill | active copies | decoded tokens], with fixed shapes per generation;
   a decoding step attends over the contiguous slots from the non-video prefill on, so it reads only the kept keys.
@@ -52,7 +52,6 @@ __all__ = ["DyCokeKV", "DyCokeKVState", "without_last_video_token"]
 
 # F.cosine_similarity's default eps.
 _COSINE_EPS = 1e-8
-_SCRATCH = 0  # compact slot 0: where copies with nothing to copy go
 
 
 class DyCokeKV(DecodeCompressor):

@@ -33,7 +33,6 @@ import torch
 
 from llava.compression._attention import layer_query, mean_head_attention, slots_below
 from llava.compression.decoding import (
-    DECODE,
     PREFILL,
     DecodeCompressor,
     DecodeState,

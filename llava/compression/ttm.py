@@ -7,7 +7,6 @@ bugs fixed (see :class:`TemporalTokenMerging`).
 from __future__ import annotations
 
 import warnings
-
 from typing import Any
 
 import torch

@@ -11,7 +11,6 @@ from transformers import AutoConfig, AutoModelForCausalLM, Qwen2Config, Qwen2For
 from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2PreTrainedModel
 
 from llava.compression.decoding import LayerInputs
-
 from llava.model.compression_mixin import CompressionMixin
 from llava.model.llava_arch import LlavaMetaForCausalLM, LlavaMetaModel
 from llava.model.vision_tower import published_tower_config
