@@ -8,9 +8,17 @@ logits prove both the selection and the bookkeeping.
 
 from __future__ import annotations
 
+import json
+
 import torch
 import torch.nn.functional as F
-from transformers import CompileConfig
+from transformers import (
+    CompileConfig,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    Qwen2Config,
+    SiglipVisionConfig,
+)
 
 from llava.checkpoint_maker import scale_attention_logits  # noqa: F401  (used by the tests through here)
 from llava.constants import IMAGE_TOKEN_INDEX
@@ -58,10 +66,17 @@ def video_positions(model, ids, video) -> torch.Tensor:
     return mm.video_token_mask[0].nonzero().flatten()
 
 
+def decoder_layers(model):
+    """The language model's decoder layers: this package's LLaVA model, or transformers' video LLMs."""
+    if hasattr(model, "get_model"):
+        return model.get_model().layers
+    return model.model.language_model.layers
+
+
 def _hook(model, layer: int, read, hide) -> list:
     """``read`` after layer ``layer - 1``'s attention (its output: output, probabilities), ``hide`` before the
     attention of every later layer (it may replace the attention mask)."""
-    layers = model.get_model().layers
+    layers = decoder_layers(model)
     handles = [layers[layer - 1].self_attn.register_forward_hook(read)]
     handles += [later.self_attn.register_forward_pre_hook(hide, with_kwargs=True) for later in layers[layer:]]
     return handles
@@ -73,6 +88,59 @@ class _Hooked:
     def remove(self):
         for handle in self.handles:
             handle.remove()
+
+
+def to_transformers_key(name: str, vision_prefix: str) -> str:
+    """Original LLaVA-NeXT weight name -> transformers LlavaOnevision name (its tower's keys start with vision_prefix)."""
+    replacements = [
+        ("model.vision_tower.vision_tower.vision_model.", vision_prefix),
+        ("model.mm_projector.0.", "model.multi_modal_projector.linear_1."),
+        ("model.mm_projector.2.", "model.multi_modal_projector.linear_2."),
+        ("model.image_newline", "model.image_newline"),
+    ]
+    for old, new in replacements:
+        if name.startswith(old):
+            return new + name[len(old):]
+    if name.startswith("model."):
+        return "model.language_model." + name[len("model."):]
+    return name
+
+
+def transformers_onevision(tiny_checkpoint, model, attn: str = "sdpa"):
+    """transformers' LlavaOnevisionForConditionalGeneration with the weights of ``model`` (this package's model,
+    loaded from ``tiny_checkpoint``), converted to its format; returns (it, its placeholder token id: an unused
+    vocabulary id, for images and videos)."""
+    raw = json.loads((tiny_checkpoint / "config.json").read_text())
+    vision = json.loads((tiny_checkpoint / "vision_tower" / "config.json").read_text())
+    vision["num_hidden_layers"] -= 1
+    vision.pop("model_type")
+    placeholder = raw["vocab_size"] - 1
+    text_fields = {k: raw[k] for k in (
+        "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+        "rms_norm_eps", "vocab_size", "max_position_embeddings", "tie_word_embeddings", "rope_theta",
+    )}
+    config = LlavaOnevisionConfig(
+        text_config=Qwen2Config(**text_fields),
+        vision_config=SiglipVisionConfig(**vision, vision_use_head=False),
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        image_grid_pinpoints=raw["image_grid_pinpoints"],
+        vision_aspect_ratio=raw["image_aspect_ratio"],
+        image_token_index=placeholder,
+        video_token_index=placeholder,
+        tie_word_embeddings=raw["tie_word_embeddings"],
+    )
+    config._attn_implementation = attn
+    reference = LlavaOnevisionForConditionalGeneration(config).eval()
+    # transformers 5.4 nests SigLIP's layers under `vision_model.`, 5.23 does not: follow the reference's own names.
+    nested = any(key.startswith("model.vision_tower.vision_model.") for key in reference.state_dict())
+    vision_prefix = "model.vision_tower.vision_model." if nested else "model.vision_tower."
+    state = {to_transformers_key(k, vision_prefix): v for k, v in model.state_dict().items()}
+    missing, unexpected = reference.load_state_dict(state, strict=False)
+    assert not unexpected, unexpected
+    assert all("lm_head" in k for k in missing), missing  # tied to the embeddings
+    reference.tie_weights()
+    return reference, placeholder
 
 
 class MaskedDyCoke(_Hooked):
@@ -192,3 +260,56 @@ class HostReads(torch.utils._python_dispatch.TorchDispatchMode):
         if self.watching and func._schema.name in self.READS:
             self.count += 1
         return func(*args, **(kwargs or {}))
+
+
+# ---- selection references (loops written from the rules in DESIGN.md) -------------------------------------------
+
+
+def reference_ttm(features: torch.Tensor, k: float) -> tuple[list[int], list[int]]:
+    """Straightforward per-frame TTM, written from the description. Returns (index, per_frame)."""
+    num_frames, n_tok, _ = features.shape
+    feats = features.float()
+    if k == 0:
+        return list(range(num_frames * n_tok)), [n_tok] * num_frames
+    n = int((1 - k) * n_tok)
+    kept = {f: list(range(n_tok)) for f in range(num_frames)}
+    for first in range(0, num_frames - 1, 2):
+        sim = F.cosine_similarity(feats[first], feats[first + 1], dim=1)
+        kept[first + 1] = sim.topk(n, largest=False).indices.tolist()
+    for i in range(0, num_frames - 4, 4):
+        sim = F.cosine_similarity(feats[i], feats[i + 2], dim=1)
+        kept[i + 2] = sim.topk(n, largest=False).indices.tolist()
+    index = [f * n_tok + t for f in range(num_frames) for t in kept[f]]
+    return index, [len(kept[f]) for f in range(num_frames)]
+
+
+def reference_vidcom2(features: torch.Tensor, r: float) -> tuple[list[int], list[int]]:
+    """Per-frame loop written from the description in DESIGN.md section 5."""
+    num_frames, n_tok, dim = features.shape
+    flat = features.float().reshape(-1, dim)
+    variance = flat.var(dim=0, unbiased=False)
+    channels = variance.argsort()[: dim // 2]
+    x = flat[:, channels]
+    x = x / x.norm(dim=1, keepdim=True).clamp(min=1e-12)
+    video_center = x.mean(dim=0)
+
+    def gaussian(tokens, center):
+        d2 = ((tokens - center) ** 2).sum(dim=-1)
+        return sum(torch.exp(-d2 / (2 * 2.0**e)) for e in range(-3, 2))
+
+    video_sim, frame_sim = [], []
+    for f in range(num_frames):
+        tokens = x[f * n_tok : (f + 1) * n_tok]
+        video_sim.append(gaussian(tokens, video_center))
+        frame_sim.append(gaussian(tokens, tokens.mean(dim=0)))
+    uniqueness = torch.stack([-v.mean() for v in video_sim])
+    weights = torch.exp((uniqueness - uniqueness.max()) / 0.01)
+    probs = weights / weights.sum()
+    index, per_frame = [], []
+    for f in range(num_frames):
+        scale = min(1.0, float(r * (1 + probs[f] - probs.mean())))
+        budget = max(1, int(torch.tensor(scale * n_tok).round()))
+        local = torch.topk(video_sim[f] + frame_sim[f], budget, largest=False).indices.sort().values
+        index += (local + f * n_tok).tolist()
+        per_frame.append(budget)
+    return index, per_frame

@@ -3,16 +3,15 @@ own ``LlavaOnevisionForConditionalGeneration`` (the weights are converted to its
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
 import torch
-from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config, SiglipVisionConfig
 from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
 
 from llava.constants import IMAGE_TOKEN_INDEX
 from tests.conftest import random_video
+from tests.references import transformers_onevision
 
 # float32 on CPU: both models run the same operations in the same order and agree bit for bit (measured: max
 # abs difference 0.0 on every position, 1 and 2 threads, transformers 5.4 and 5.23). The tolerance leaves room
@@ -20,57 +19,10 @@ from tests.conftest import random_video
 LOGIT_TOLERANCE = {"atol": 1e-5, "rtol": 1e-5}
 
 
-def to_transformers_key(name: str, vision_prefix: str) -> str:
-    """Original LLaVA-NeXT weight name -> transformers LlavaOnevision name (its tower's keys start with vision_prefix)."""
-    replacements = [
-        ("model.vision_tower.vision_tower.vision_model.", vision_prefix),
-        ("model.mm_projector.0.", "model.multi_modal_projector.linear_1."),
-        ("model.mm_projector.2.", "model.multi_modal_projector.linear_2."),
-        ("model.image_newline", "model.image_newline"),
-    ]
-    for old, new in replacements:
-        if name.startswith(old):
-            return new + name[len(old):]
-    if name.startswith("model."):
-        return "model.language_model." + name[len("model."):]
-    return name
-
-
 @pytest.fixture(scope="module")
 def oracle(tiny_checkpoint, loaded_tiny):
     """transformers' LLaVA-OneVision with our tiny checkpoint's weights; placeholder id = an unused vocab id."""
-    _, model, _, _ = loaded_tiny
-    raw = json.loads((tiny_checkpoint / "config.json").read_text())
-    vision = json.loads((tiny_checkpoint / "vision_tower" / "config.json").read_text())
-    vision["num_hidden_layers"] -= 1
-    vision.pop("model_type")
-    placeholder = raw["vocab_size"] - 1
-    text_fields = {k: raw[k] for k in (
-        "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-        "rms_norm_eps", "vocab_size", "max_position_embeddings", "tie_word_embeddings", "rope_theta",
-    )}
-    config = LlavaOnevisionConfig(
-        text_config=Qwen2Config(**text_fields),
-        vision_config=SiglipVisionConfig(**vision, vision_use_head=False),
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="full",
-        image_grid_pinpoints=raw["image_grid_pinpoints"],
-        vision_aspect_ratio=raw["image_aspect_ratio"],
-        image_token_index=placeholder,
-        video_token_index=placeholder,
-        tie_word_embeddings=raw["tie_word_embeddings"],
-    )
-    config._attn_implementation = "sdpa"
-    reference = LlavaOnevisionForConditionalGeneration(config).eval()
-    # transformers 5.4 nests SigLIP's layers under `vision_model.`, 5.23 does not: follow the reference's own names.
-    nested = any(key.startswith("model.vision_tower.vision_model.") for key in reference.state_dict())
-    vision_prefix = "model.vision_tower.vision_model." if nested else "model.vision_tower."
-    state = {to_transformers_key(k, vision_prefix): v for k, v in model.state_dict().items()}
-    missing, unexpected = reference.load_state_dict(state, strict=False)
-    assert not unexpected, unexpected
-    assert all("lm_head" in k for k in missing), missing  # tied to the embeddings
-    reference.tie_weights()
-    return reference, placeholder
+    return transformers_onevision(tiny_checkpoint, loaded_tiny[1])
 
 
 def assert_same_logits(ours: torch.Tensor, theirs: torch.Tensor) -> None:

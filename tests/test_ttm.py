@@ -4,9 +4,9 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from llava.compression import TemporalTokenMerging, TokenSelection
+from tests.references import reference_ttm
 
 # Expected (pruned frame -> reference frame) by frame count, read off DESIGN.md section 4:
 # stage 1 prunes every odd frame against the one before it; stage 2 prunes frame i + 2
@@ -20,24 +20,6 @@ EXPECTED_PRUNED = {
     8: {1: 0, 3: 2, 5: 4, 7: 6, 2: 0},
     9: {1: 0, 3: 2, 5: 4, 7: 6, 2: 0, 6: 4},
 }
-
-
-def reference_ttm(features: torch.Tensor, k: float) -> tuple[list[int], list[int]]:
-    """Straightforward per-frame TTM, written from the description. Returns (index, per_frame)."""
-    num_frames, n_tok, _ = features.shape
-    feats = features.float()
-    if k == 0:
-        return list(range(num_frames * n_tok)), [n_tok] * num_frames
-    n = int((1 - k) * n_tok)
-    kept = {f: list(range(n_tok)) for f in range(num_frames)}
-    for first in range(0, num_frames - 1, 2):
-        sim = F.cosine_similarity(feats[first], feats[first + 1], dim=1)
-        kept[first + 1] = sim.topk(n, largest=False).indices.tolist()
-    for i in range(0, num_frames - 4, 4):
-        sim = F.cosine_similarity(feats[i], feats[i + 2], dim=1)
-        kept[i + 2] = sim.topk(n, largest=False).indices.tolist()
-    index = [f * n_tok + t for f in range(num_frames) for t in kept[f]]
-    return index, [len(kept[f]) for f in range(num_frames)]
 
 
 def moving_patch_video(num_frames: int, n_tok: int) -> tuple[torch.Tensor, list[int]]:

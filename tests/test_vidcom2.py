@@ -6,38 +6,7 @@ import pytest
 import torch
 
 from llava.compression import TokenSelection, VidCom2
-
-
-def reference_vidcom2(features: torch.Tensor, r: float) -> tuple[list[int], list[int]]:
-    """Per-frame loop written from the description in DESIGN.md section 5."""
-    num_frames, n_tok, dim = features.shape
-    flat = features.float().reshape(-1, dim)
-    variance = flat.var(dim=0, unbiased=False)
-    channels = variance.argsort()[: dim // 2]
-    x = flat[:, channels]
-    x = x / x.norm(dim=1, keepdim=True).clamp(min=1e-12)
-    video_center = x.mean(dim=0)
-
-    def gaussian(tokens, center):
-        d2 = ((tokens - center) ** 2).sum(dim=-1)
-        return sum(torch.exp(-d2 / (2 * 2.0**e)) for e in range(-3, 2))
-
-    video_sim, frame_sim = [], []
-    for f in range(num_frames):
-        tokens = x[f * n_tok : (f + 1) * n_tok]
-        video_sim.append(gaussian(tokens, video_center))
-        frame_sim.append(gaussian(tokens, tokens.mean(dim=0)))
-    uniqueness = torch.stack([-v.mean() for v in video_sim])
-    weights = torch.exp((uniqueness - uniqueness.max()) / 0.01)
-    probs = weights / weights.sum()
-    index, per_frame = [], []
-    for f in range(num_frames):
-        scale = min(1.0, float(r * (1 + probs[f] - probs.mean())))
-        budget = max(1, int(torch.tensor(scale * n_tok).round()))
-        local = torch.topk(video_sim[f] + frame_sim[f], budget, largest=False).indices.sort().values
-        index += (local + f * n_tok).tolist()
-        per_frame.append(budget)
-    return index, per_frame
+from tests.references import reference_vidcom2
 
 
 @pytest.mark.parametrize("num_frames", [1, 2, 5, 8, 16])

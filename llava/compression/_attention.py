@@ -29,11 +29,17 @@ def rope(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Te
 
 def layer_query(decoder_layer, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """The rotated query (batch, heads, length, head_dim) that ``decoder_layer`` computes from its input
-    ``hidden_states`` (batch, length, hidden): the same modules the layer's own attention runs."""
+    ``hidden_states`` (batch, length, hidden): the same modules the layer's own attention runs (Qwen2 and the Qwen
+    VL text models: input norm, q_proj, Qwen3's per-head q_norm, rotary embedding)."""
     attention = decoder_layer.self_attn
     normed = decoder_layer.input_layernorm(hidden_states)
-    query = attention.q_proj(normed).view(*hidden_states.shape[:2], -1, attention.head_dim).transpose(1, 2)
-    return rope(query, cos, sin)
+    query = attention.q_proj(normed).view(*hidden_states.shape[:2], -1, attention.head_dim)
+    if getattr(attention, "q_norm", None) is not None:
+        query = attention.q_norm(query)
+    if cos.ndim == 4:  # transformers 5.4's multimodal tables (3, batch, length, head_dim): one section per axis
+        sections = attention.config.rope_parameters["mrope_section"] * 2
+        cos, sin = (torch.cat([part[i % 3] for i, part in enumerate(t.split(sections, dim=-1))], dim=-1) for t in (cos, sin))
+    return rope(query.transpose(1, 2), cos, sin)
 
 
 def mean_head_attention(

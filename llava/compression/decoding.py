@@ -21,6 +21,7 @@ compiles (``torch.compile(fullgraph=True)``, static cache, CUDA graphs) like the
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -36,6 +37,7 @@ __all__ = [
     "GenerationInputs",
     "LayerInputs",
     "make_generation_cache",
+    "new_token_budget",
 ]
 
 PREFILL, DECODE = "prefill", "decode"
@@ -140,9 +142,11 @@ class DecodeCompressor(ABC):
 class _CompressionCache:
     """Routes key/value updates through the generation's :class:`DecodeState` (``self.compression``)."""
 
-    compression: DecodeState
+    compression: DecodeState | None  # None: no decode-time compression in this generation
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        if self.compression is None:
+            return super().update(key_states, value_states, layer_idx, *args, **kwargs)
         keys = values = None
         if self.compression.keeps_full_cache(layer_idx):
             keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
@@ -152,7 +156,7 @@ class _CompressionCache:
 class CompressionDynamicCache(_CompressionCache, DynamicCache):
     """A ``DynamicCache`` carrying one generation's decode-time compression state."""
 
-    def __init__(self, config, compression: DecodeState):
+    def __init__(self, config, compression: DecodeState | None):
         super().__init__(config=config)
         self.compression = compression
 
@@ -160,9 +164,22 @@ class CompressionDynamicCache(_CompressionCache, DynamicCache):
 class CompressionStaticCache(_CompressionCache, StaticCache):
     """A ``StaticCache`` carrying one generation's decode-time compression state (compiled decoding works)."""
 
-    def __init__(self, config, max_cache_len: int, compression: DecodeState):
+    def __init__(self, config, max_cache_len: int, compression: DecodeState | None):
         super().__init__(config=config, max_cache_len=max_cache_len)
         self.compression = compression
+
+
+def new_token_budget(generation_config, generate_kwargs: dict, prompt_length: int, counts_prompt: bool = False) -> int:
+    """How many tokens ``generate`` may produce after a prompt of ``prompt_length`` tokens, by transformers' rules:
+    ``max_new_tokens``; else ``max_length`` minus the prompt when ``max_length`` counts it (a prompt of token ids, or
+    a ``max_length`` passed to this call), else ``max_length`` (a prompt given as embeddings only)."""
+    config = copy.deepcopy(generate_kwargs.get("generation_config") or generation_config)
+    config.update(**{k: v for k, v in generate_kwargs.items() if k in ("max_new_tokens", "max_length")})
+    if config.max_new_tokens is not None:
+        return max(int(config.max_new_tokens), 1)
+    if counts_prompt or "max_length" in generate_kwargs:
+        return max(int(config.max_length) - prompt_length, 1)
+    return max(int(config.max_length), 1)
 
 
 CACHE_IMPLEMENTATIONS = ("dynamic", "static")
@@ -175,8 +192,8 @@ def make_generation_cache(config, compression: DecodeState, cache_implementation
     if cache_implementation == "static":
         return CompressionStaticCache(config, max_cache_len, compression)
     raise ValueError(
-        f"cache_implementation={cache_implementation!r} is not supported with decode-time compression "
-        f"(DyCoke KV pruning, FastV); allowed: {', '.join(CACHE_IMPLEMENTATIONS)}."
+        f"cache_implementation={cache_implementation!r} is not supported with video-token compression "
+        f"(it makes the cache of each generate call); allowed: {', '.join(CACHE_IMPLEMENTATIONS)}."
     )
 
 

@@ -162,7 +162,7 @@ class FastVState(DecodeState):
         layout, length = self.layout, self.prefill_length
         batch = inputs.hidden_states.shape[0]
         cos, sin = inputs.position_embeddings
-        query = layer_query(decoder_layer, inputs.hidden_states[:, -1:], cos[:, -1:], sin[:, -1:])
+        query = layer_query(decoder_layer, inputs.hidden_states[:, -1:], cos[..., -1:, :], sin[..., -1:, :])
         keys = cache.layers[self.ranking_layer].keys[:, :, :length]  # this prefill's keys (rotated)
         attention = mean_head_attention(query, keys, self.inputs.attention_mask, decoder_layer.self_attn.scaling)
         # Kept video tokens: the top keep_counts[r] of row r (topk is descending, so valid slots come first).
@@ -211,6 +211,8 @@ class FastVState(DecodeState):
 
 
 def _gather_positions(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """RoPE cos or sin (1 or B, S, D) at the compact slots' positions (B, W) -> (B, W, D)."""
-    table = table.expand(index.shape[0], -1, -1)
-    return table.gather(1, index[..., None].expand(-1, -1, table.shape[-1]))
+    """RoPE cos or sin (1 or B, S, D), or (3, 1 or B, S, D) for multimodal RoPE, at the compact slots' positions
+    (B, W) -> (B, W, D) or (3, B, W, D)."""
+    *lead, _, length, dim = table.shape
+    table = table.expand(*lead, index.shape[0], length, dim)
+    return table.gather(-2, index[..., None].expand(*lead, -1, -1, dim))

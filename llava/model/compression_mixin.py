@@ -25,36 +25,12 @@ from dataclasses import dataclass, field
 import torch
 
 from llava.compression.base import TokenSelection, VideoTokenCompressor
-from llava.compression.decoding import DecodeCompressor, GenerationInputs, make_generation_cache
+from llava.compression.decoding import DecodeCompressor, GenerationInputs, make_generation_cache, new_token_budget
 from llava.compression.dycoke_kv import DyCokeKV
-from llava.compression.fastv import FastV
+from llava.compression.methods import CompressionSetup
 from llava.compression.settings import CompressionSettings, check_setting, settings_from_kwargs
-from llava.compression.ttm import TemporalTokenMerging
-from llava.compression.vidcom2 import VidCom2
 
 logger = logging.getLogger("llava.compression")
-
-
-@dataclass(frozen=True)
-class CompressionSetup:
-    """The settings and what is built from them: the video compressor (before the LM) and the decode-time one."""
-
-    settings: CompressionSettings
-    video: VideoTokenCompressor | None
-    decoder: DecodeCompressor | None
-
-    @classmethod
-    def build(cls, settings: CompressionSettings) -> CompressionSetup:
-        video = decoder = None
-        if settings.compressor == "dycoke":
-            video = TemporalTokenMerging(settings.dycoke_k) if settings.dycoke_k > 0 else None
-            if settings.dycoke_p > 0:
-                decoder = DyCokeKV(settings.dycoke_l, settings.dycoke_p, public_quirks=settings.dycoke_public_quirks)
-        elif settings.compressor == "vidcom2":
-            video = VidCom2(settings.vidcom2_r)
-        elif settings.compressor == "fastv" and settings.fastv_r > 0:
-            decoder = FastV(settings.fastv_k, settings.fastv_r)
-        return cls(settings, video, decoder)
 
 
 @dataclass
@@ -231,19 +207,6 @@ class CompressionMixin:
                     f"using {first} (derived from where the <image> placeholder sits).",
                     stacklevel=4,
                 )
-
-
-def new_token_budget(generation_config, generate_kwargs: dict, prefill_length: int) -> int:
-    """How many tokens ``generate`` may produce for a prompt of ``prefill_length`` embeddings, by transformers'
-    rules: ``max_new_tokens``; else a ``max_length`` passed to this call counts the prompt; else the configured
-    ``max_length`` counts new tokens only (the prompt comes as embeddings)."""
-    config = copy.deepcopy(generate_kwargs.get("generation_config") or generation_config)
-    config.update(**{k: v for k, v in generate_kwargs.items() if k in ("max_new_tokens", "max_length")})
-    if config.max_new_tokens is not None:
-        return max(int(config.max_new_tokens), 1)
-    if "max_length" in generate_kwargs:
-        return max(int(config.max_length) - prefill_length, 1)
-    return max(int(config.max_length), 1)
 
 
 def _check_generate_arguments(decoder: DecodeCompressor, kwargs: dict, generation_config) -> None:

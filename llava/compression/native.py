@@ -1,0 +1,548 @@
+"""Video-token compression on transformers' own video LLMs: ``apply_compression(model, compressor=...)``.
+
+Supported: ``LlavaOnevisionForConditionalGeneration``, ``Qwen2VLForConditionalGeneration``,
+``Qwen2_5_VLForConditionalGeneration``, ``Qwen3VLForConditionalGeneration`` (and this package's
+``LlavaQwenForCausalLM``, whose own settings it sets). After ``apply_compression`` the user calls the stock
+``model.generate(**inputs)``; ``remove_compression(model)`` gives the stock model back; ``compressed(model, ...)``
+does both around a block.
+
+The same pieces as in the LLaVA-NeXT model, applied through transformers' extension points (no forward is copied):
+
+- before the language model, TTM (DyCoke) or VidCom2 choose each video's tokens per frame. For the Qwen VL models
+  a frame is one temporal step of ``video_grid_thw`` (two input frames) and its tokens are the merged patches
+  (h * w / merge^2). A forward pre-hook on the language model drops the others from ``inputs_embeds``; kept tokens
+  stay in their original order with their original multimodal RoPE positions (computed by the model on the whole
+  sequence, before the hook), and decoding continues from the whole prompt's last position, as generate does. For
+  LLaVA-OneVision the kept tokens come in the selection's order and the positions are renumbered, exactly as the
+  LLaVA-NeXT code (and so this package's model) builds the sequence; the video's trailing newline is always kept;
+- while decoding, DyCoke's KV pruning and FastV run their :mod:`.decoding` state through forward hooks on the
+  decoder layers and a cache subclass that the first forward of a generation puts in place of generate's cache
+  (generate then keeps using the cache the model returns). The state lives in that cache: nothing of a generation
+  stays on the model.
+
+Images are never compressed. A batch with padding works (each row has its own selection).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import StaticCache
+
+from llava.compression.decoding import (
+    PREFILL,
+    CompressionDynamicCache,
+    CompressionStaticCache,
+    GenerationInputs,
+    LayerInputs,
+    make_generation_cache,
+    new_token_budget,
+)
+from llava.compression.dycoke_kv import DyCokeKV
+from llava.compression.fastv import FastV
+from llava.compression.masks import BOOL, KeyMask
+from llava.compression.methods import CompressionSetup
+from llava.compression.settings import CompressionSettings, settings_from_kwargs
+
+__all__ = ["NativeCompression", "SUPPORTED_MODELS", "apply_compression", "compressed", "remove_compression"]
+
+_DEFAULT_DECODED_CAPACITY = 128  # decoded tokens planned for with a dynamic cache (more grow the buffers)
+
+
+@dataclass(frozen=True)
+class _Family:
+    """What differs between the supported models."""
+
+    keep_positions: bool  # kept tokens keep their original (multimodal) positions; else renumbered (LLaVA-NeXT)
+    sorted_order: bool  # kept tokens in their original order; else in the selection's order
+    trailing_newline: bool  # each video ends with one newline token, never compressed
+    frame_spans: bool  # each temporal step is its own run of video tokens (Qwen3-VL)
+    needs_grid: bool  # frames come from video_grid_thw (Qwen2-VL, Qwen2.5-VL)
+
+
+_QWEN = _Family(keep_positions=True, sorted_order=True, trailing_newline=False, frame_spans=False, needs_grid=True)
+SUPPORTED_MODELS = {
+    "LlavaOnevisionForConditionalGeneration": _Family(
+        keep_positions=False, sorted_order=False, trailing_newline=True, frame_spans=False, needs_grid=False
+    ),
+    "Qwen2VLForConditionalGeneration": _QWEN,
+    "Qwen2_5_VLForConditionalGeneration": _QWEN,
+    "Qwen3VLForConditionalGeneration": _Family(
+        keep_positions=True, sorted_order=True, trailing_newline=False, frame_spans=True, needs_grid=True
+    ),
+}
+_OWN_MODEL = "LlavaQwenForCausalLM"
+
+
+# ---- the public functions -------------------------------------------------------------------------------------------
+
+
+def apply_compression(model, **settings) -> NativeCompression | CompressionSettings:
+    """Compress ``model``'s video tokens: ``compressor`` (``dycoke``, ``vidcom2``, ``fastv``, ``none``; or
+    ``dycoke=True``) and the method's arguments (``dycoke_k``, ``dycoke_l``, ``dycoke_p``, ``dycoke_public_quirks``,
+    ``vidcom2_r``, ``fastv_k``, ``fastv_r``), with the names, defaults and checks of ``load_pretrained_model``.
+    Calling it again replaces the settings. Returns the applied :class:`NativeCompression` (for this package's own
+    model: its settings)."""
+    name = type(model).__name__
+    if name == _OWN_MODEL:
+        return model.configure_compression(**settings)
+    family = SUPPORTED_MODELS.get(name)
+    if family is None:
+        raise TypeError(
+            f"apply_compression does not support {name}; supported: {', '.join([*SUPPORTED_MODELS, _OWN_MODEL])}."
+        )
+    config = _text_config(model)
+    parsed = settings_from_kwargs(settings, num_layers=config.num_hidden_layers)
+    handle = NativeCompression(model, family, parsed)  # checks everything before the model changes
+    remove_compression(model)
+    handle.attach()
+    return handle
+
+
+def remove_compression(model) -> None:
+    """Give ``model`` back its stock behaviour (a model without compression is left as it is)."""
+    if type(model).__name__ == _OWN_MODEL:
+        model.reset_compression()
+        return
+    handle = model.__dict__.get("llava_compression")
+    if handle is not None:
+        handle.detach()
+
+
+@contextmanager
+def compressed(model, **settings):
+    """``apply_compression`` for the block, then the model's previous state (stock, or the settings it had)."""
+    previous = getattr(model, "compression", None) if type(model).__name__ == _OWN_MODEL else None
+    previous_handle = model.__dict__.get("llava_compression")
+    handle = apply_compression(model, **settings)
+    try:
+        yield handle
+    finally:
+        remove_compression(model)
+        if previous is not None:
+            model.set_compression(previous)
+        elif previous_handle is not None:
+            previous_handle.attach()
+
+
+# ---- the applied compression ----------------------------------------------------------------------------------------
+
+
+class NativeCompression:
+    """The compression applied to one transformers model: its settings, the methods built from them and the hooks.
+
+    Holds no per-generation state (that lives in each generation's cache); ``last_stats`` is a plain summary of
+    the last prefill's video compression.
+    """
+
+    def __init__(self, model, family: _Family, settings: CompressionSettings):
+        self.model, self.family, self.settings = model, family, settings
+        setup = CompressionSetup.build(settings)
+        self.video_compressor, self.decoder = setup.video, setup.decoder
+        self.language_model = model.model.language_model
+        self.video_token_id = _video_token_id(model.config)
+        deepstack = len(getattr(getattr(model.config, "vision_config", None), "deepstack_visual_indexes", []) or [])
+        if isinstance(self.decoder, FastV) and self.decoder.layer < deepstack:
+            raise ValueError(
+                f"fastv_k={self.decoder.layer}: {type(model).__name__} adds visual features to the hidden states "
+                f"after its first {deepstack} layers (deepstack), so FastV can drop tokens from layer {deepstack} "
+                f"on at the earliest; use fastv_k >= {deepstack}."
+            )
+        self.handles: list = []
+        self.last_stats: dict = {}
+
+    def describe(self) -> dict:
+        return self.settings.as_dict()
+
+    def __repr__(self) -> str:
+        return f"NativeCompression({type(self.model).__name__}, {self.settings})"
+
+    def attach(self) -> None:
+        model = self.model
+        self.handles = [
+            model.register_forward_pre_hook(self._before_model, with_kwargs=True),
+            self.language_model.register_forward_pre_hook(self._before_language_model, with_kwargs=True),
+        ]
+        for layer in self.language_model.layers:
+            self.handles.append(layer.register_forward_pre_hook(_before_decoder_layer, with_kwargs=True))
+            self.handles.append(layer.register_forward_hook(_after_decoder_layer, with_kwargs=True))
+        if self.family.needs_grid:
+            _record_video_grids(model.model)
+        stock_generate = model.generate
+
+        @functools.wraps(stock_generate)
+        def generate(*args, **kwargs):
+            return self._generate(stock_generate, *args, **kwargs)
+
+        model.generate = generate  # on this instance only; detach() takes it away
+        model.__dict__["llava_compression"] = self
+
+    def detach(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+        self.model.model.__dict__.pop("get_video_features", None)
+        self.model.__dict__.pop("generate", None)
+        self.model.__dict__.pop("llava_compression", None)
+
+    # ---- hooks ---------------------------------------------------------------------------------------------------
+
+    def _generate(self, stock_generate, *args, **kwargs):
+        """``model.generate`` with compression applied: the call gets a cache made for it (dynamic, or static with
+        ``cache_implementation="static"``), which the prefill fills with the generation's state; afterwards
+        ``last_stats`` says what compression did."""
+        if kwargs.get("past_key_values") is not None or kwargs.get("use_cache") is False:
+            if self.decoder is not None:
+                raise ValueError(
+                    f"{self.decoder.name} makes the cache of each generate call (it holds the call's pruning state): "
+                    "generate with use_cache=True and without past_key_values."
+                )
+            return stock_generate(*args, **kwargs)
+        config = kwargs.get("generation_config") or self.model.generation_config
+        implementation = kwargs.pop("cache_implementation", None) or config.cache_implementation
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        prompt = 0 if input_ids is None else input_ids.shape[1]
+        budget = new_token_budget(config, kwargs, prompt, counts_prompt=True)
+        cache = make_generation_cache(self.model.config, None, implementation, prompt + budget)
+        cache.decoded_budget = budget
+        self.last_stats = {}
+        output = stock_generate(*args, past_key_values=cache, **kwargs)
+        state = cache.compression
+        if state is not None:
+            self.last_stats["kv_pruning" if isinstance(self.decoder, DyCokeKV) else "fastv"] = state.summary()
+        return output
+
+    def _before_model(self, module, args, kwargs):
+        """A generation's first forward (its prefill): find the videos and give this generation's cache their
+        compaction (a forward outside generate gets a cache of its own; the model returns it)."""
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        cache = kwargs.get("past_key_values")
+        ours = isinstance(cache, (CompressionDynamicCache, CompressionStaticCache))
+        if input_ids is None or input_ids.shape[1] == 1 or (ours and getattr(cache, "sequence", None) is not None):
+            return None  # a decoding step (or embeddings given directly: nothing to find the videos by)
+        if cache is not None and not ours:
+            raise NotImplementedError(
+                f"With video-token compression, {type(self.model).__name__} runs with the cache it makes for each "
+                f"generate call; a {type(cache).__name__} was passed: leave past_key_values out."
+            )
+        if cache is not None and _cached_length(cache) != 0:
+            return None  # a prompt continued on a filled cache: runs unmodified
+        runs = _video_runs(input_ids, self.video_token_id)
+        if not runs:
+            return None
+        grids = self._video_grids(kwargs) if self.family.needs_grid else None
+        if cache is None:
+            if self.decoder is not None and kwargs.get("use_cache") is False:
+                raise ValueError(f"{self.decoder.name} works on the KV cache: run with use_cache=True")
+            cache = CompressionDynamicCache(self.model.config, None)
+        cache.sequence = _Sequence(self, _videos(runs, grids, self.family, self.model.config), input_ids.shape)
+        kwargs["past_key_values"], kwargs["use_cache"] = cache, True
+        if args:
+            kwargs["input_ids"], args = args[0], args[1:]
+        return args, kwargs
+
+    def _video_grids(self, kwargs) -> torch.Tensor:
+        grids = kwargs.get("video_grid_thw")
+        if grids is None:  # generate encoded the videos before the prefill (transformers >= 5.x): see the wrapper
+            video = (kwargs.get("mm_encoder_outputs") or {}).get("video")
+            grids = getattr(video, "llava_video_grid_thw", None)
+        if grids is None:
+            raise ValueError(
+                f"{type(self.model).__name__}: the prompt has video tokens but no video_grid_thw reached the model; "
+                "pass the processor's video_grid_thw with pixel_values_videos."
+            )
+        return grids
+
+    def _before_language_model(self, module, args, kwargs):
+        cache = kwargs.get("past_key_values")
+        sequence = getattr(cache, "sequence", None)
+        if sequence is None:
+            return None
+        if sequence.phase == PREFILL:
+            sequence.compact_prefill(kwargs, cache)
+        else:
+            sequence.decoding_step(kwargs, cache)
+        return args, kwargs
+
+
+# ---- one generation -------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Video:
+    """One video of one prompt row: its frames' first columns and the tokens of each frame."""
+
+    row: int
+    frame_starts: list[int]
+    per_frame: int
+
+    @property
+    def frames(self) -> int:
+        return len(self.frame_starts)
+
+    @property
+    def columns(self) -> list[int]:
+        """Its video tokens' columns, frame by frame (the order of the compressor's flattened features)."""
+        return [start + j for start in self.frame_starts for j in range(self.per_frame)]
+
+
+@dataclass
+class _Run:
+    """A run of consecutive video-placeholder tokens in a row."""
+
+    row: int
+    start: int
+    length: int
+
+
+class _Sequence:
+    """The compaction of one generation's prompt (lives in its cache as ``cache.sequence``)."""
+
+    def __init__(self, owner: NativeCompression, videos: list[_Video], shape):
+        self.owner, self.videos = owner, videos
+        self.batch, self.length = shape
+        self.phase = PREFILL
+        self.valid = self.dropped = self.mask = None
+
+    def compact_prefill(self, kwargs, cache) -> None:
+        """Choose the kept video tokens, then shorten ``inputs_embeds`` and its positions and mask to them."""
+        owner = self.owner
+        embeds = kwargs["inputs_embeds"]
+        padding = _padding_mask(kwargs.get("attention_mask"), self.batch, self.length, embeds.device)
+        columns, kept_video, before, after = self._kept_columns(embeds, padding)
+        width = max(len(row) for row in columns)
+        index = torch.zeros(self.batch, width, dtype=torch.long, device=embeds.device)
+        valid = torch.zeros(self.batch, width, dtype=torch.bool, device=embeds.device)
+        video = torch.zeros_like(valid)
+        for row, (cols, kept) in enumerate(zip(columns, kept_video)):  # right-aligned, like left padding
+            index[row, width - len(cols) :] = torch.tensor(cols, device=embeds.device)
+            valid[row, width - len(cols) :] = True
+            video[row, width - len(cols) :] = torch.tensor(kept, device=embeds.device)
+        kwargs["inputs_embeds"] = embeds.gather(1, index[..., None].expand(-1, -1, embeds.shape[-1]))
+        kwargs["position_ids"] = self._positions(kwargs.get("position_ids"), index, valid)
+        kwargs["attention_mask"] = valid.long()
+        if kwargs.get("visual_pos_masks") is not None:  # Qwen3-VL's deepstack features follow their tokens
+            visual = kwargs["visual_pos_masks"]
+            kept_at = torch.zeros_like(visual).scatter_(1, index, valid)
+            kwargs["deepstack_visual_embeds"] = [layer[kept_at[visual]] for layer in kwargs["deepstack_visual_embeds"]]
+            kwargs["visual_pos_masks"] = visual.gather(1, index) & valid
+        self.valid, self.width = valid, width
+        self.dropped = (padding.sum(dim=1) - valid.sum(dim=1))[:, None]  # tokens dropped per row
+        capacity = self._decoded_capacity(cache, width)
+        self.mask = KeyMask(valid, capacity, BOOL, torch.bool)
+        self.step = torch.zeros(1, dtype=torch.long, device=embeds.device)
+        owner.last_stats = {
+            "compressor": owner.settings.compressor, "videos": len(self.videos),
+            "video_tokens_before": before, "video_tokens_after": after,
+            # per row: the prompt columns of the kept video tokens, and their positions in the compact cache
+            "kept_video_columns": [index[row][video[row]].tolist() for row in range(self.batch)],
+            "video_positions": [video[row].nonzero().flatten().tolist() for row in range(self.batch)],
+        }
+        if owner.decoder is not None:
+            cache.compression = owner.decoder.new_state(GenerationInputs(
+                prunable=video, attention_mask=valid, decoded_capacity=capacity,
+                static_cache=isinstance(cache, StaticCache), num_layers=_text_config(owner.model).num_hidden_layers,
+                attn_implementation=owner.model.config._attn_implementation, dtype=embeds.dtype,
+            ))
+        self.phase = "decode"
+
+    def decoding_step(self, kwargs, cache) -> None:
+        """The mask over the compact cache; LLaVA-OneVision's positions shifted by the dropped tokens."""
+        self.mask.mark_decoded(self.step)
+        self.step.add_(1)
+        key_length = cache.layers[0].get_mask_sizes(1)[0]  # a Python int: shapes only
+        if key_length > self.mask.capacity:  # a dynamic cache longer than planned
+            self.mask.grow(key_length - self.width + _DEFAULT_DECODED_CAPACITY)
+        mask = self.mask.view(key_length, all_marked=True)
+        kwargs["attention_mask"] = None if mask is None else mask.long()
+        positions = kwargs.get("position_ids")
+        if not self.owner.family.keep_positions and positions is not None:
+            kwargs["position_ids"] = positions - self.dropped
+
+    # ---- helpers -------------------------------------------------------------------------------------------------
+
+    def _kept_columns(self, embeds: torch.Tensor, padding: torch.Tensor):
+        """Per row: the columns kept, in sequence order, and whether each is a video token (the compressor's)."""
+        family, compressor = self.owner.family, self.owner.video_compressor
+        columns = [padding[row].nonzero().flatten().tolist() for row in range(self.batch)]
+        kept_video = [[False] * len(cols) for cols in columns]
+        before = after = 0
+        for row in range(self.batch):
+            chosen, video_columns = {}, set()
+            for video in (video for video in self.videos if video.row == row):
+                columns_of_video = video.columns
+                features = embeds[row, columns_of_video].reshape(video.frames, video.per_frame, -1)
+                selection = compressor.select(features).index.tolist() if compressor is not None else None
+                kept = columns_of_video if selection is None else [columns_of_video[i] for i in selection]
+                if family.sorted_order:  # each kept token stays where it is
+                    chosen.update((column, [column]) for column in kept)
+                else:  # the kept tokens, in the selection's order, take the place of the video
+                    chosen[columns_of_video[0]] = kept
+                video_columns.update(columns_of_video)
+                before, after = before + len(columns_of_video), after + len(kept)
+            row_columns, row_video = [], []
+            for column in columns[row]:
+                if column in chosen:
+                    row_columns += chosen[column]
+                    row_video += [True] * len(chosen[column])
+                elif column not in video_columns:
+                    row_columns.append(column)
+                    row_video.append(False)
+            columns[row], kept_video[row] = row_columns, row_video
+        return columns, kept_video, before, after
+
+    def _positions(self, positions, index: torch.Tensor, valid: torch.Tensor):
+        consecutive = (valid.long().cumsum(dim=1) - 1).clamp_min(0)
+        if positions is None or not self.owner.family.keep_positions:
+            return consecutive  # LLaVA-NeXT's sequence: positions follow the compact order
+        if positions.ndim == 2:
+            return positions.expand(self.batch, -1).gather(1, index).masked_fill(~valid, 0)
+        gathered = positions.expand(-1, self.batch, -1).gather(2, index[None].expand(positions.shape[0], -1, -1))
+        gathered = gathered.masked_fill(~valid, 0)
+        if positions.shape[0] == 4:  # row 0: text positions, only a packing hint for flash attention
+            gathered[0] = consecutive
+        return gathered
+
+    def _decoded_capacity(self, cache, width: int) -> int:
+        if isinstance(cache, StaticCache):
+            return _max_cache_len(cache) - width
+        return getattr(cache, "decoded_budget", _DEFAULT_DECODED_CAPACITY)
+
+
+# ---- decoder-layer hooks (the same DecodeState hooks as LlavaQwenDecoderLayer) --------------------------------------
+
+
+def _layer_inputs(args, kwargs) -> LayerInputs:
+    hidden_states = args[0] if args else kwargs["hidden_states"]
+    return LayerInputs(hidden_states, kwargs.get("attention_mask"), kwargs.get("position_ids"), kwargs["position_embeddings"])
+
+
+def _before_decoder_layer(module, args, kwargs):
+    cache = kwargs.get("past_key_values")
+    state = getattr(cache, "compression", None)
+    if state is None:
+        return None
+    inputs = state.before_layer(module.self_attn.layer_idx, _layer_inputs(args, kwargs), cache)
+    if args:
+        args = (inputs.hidden_states, *args[1:])
+    else:
+        kwargs["hidden_states"] = inputs.hidden_states
+    kwargs.update(attention_mask=inputs.attention_mask, position_ids=inputs.position_ids,
+                  position_embeddings=inputs.position_embeddings)
+    return args, kwargs
+
+
+def _after_decoder_layer(module, args, kwargs, output):
+    cache = kwargs.get("past_key_values")
+    state = getattr(cache, "compression", None)
+    if state is not None:
+        state.after_layer(module, module.self_attn.layer_idx, _layer_inputs(args, kwargs), cache)
+    return None
+
+
+# ---- model geometry -------------------------------------------------------------------------------------------------
+
+
+def _record_video_grids(vision_model) -> None:
+    """Wrap the model's ``get_video_features`` (on this instance) so that its output carries the videos' grids:
+    transformers' generate encodes the videos before the prefill and passes only the features to ``forward``."""
+    original = vision_model.get_video_features
+
+    @functools.wraps(original)
+    def get_video_features(*args, **kwargs):
+        output = original(*args, **kwargs)
+        grids = kwargs.get("video_grid_thw", args[1] if len(args) > 1 else None)
+        if grids is not None and not isinstance(output, (tuple, torch.Tensor)):
+            output.llava_video_grid_thw = grids
+        return output
+
+    vision_model.get_video_features = get_video_features
+
+
+def _video_runs(input_ids: torch.Tensor, video_token_id: int) -> list[_Run]:
+    """Each run of video tokens in each row (host reads: once per prefill)."""
+    runs = []
+    for row, ids in enumerate(input_ids):
+        is_video = (ids == video_token_id).tolist()
+        column = 0
+        while column < len(is_video):
+            if is_video[column]:
+                end = column
+                while end < len(is_video) and is_video[end]:
+                    end += 1
+                runs.append(_Run(row, column, end - column))
+                column = end
+            else:
+                column += 1
+    return runs
+
+
+def _videos(runs: list[_Run], grids, family: _Family, config) -> list[_Video]:
+    """The videos the runs of video tokens hold (Qwen: a frame is one temporal step of the video's grid)."""
+    if not family.needs_grid:  # LLaVA-OneVision: frames of a known number of pooled tokens, then one newline
+        vision = config.vision_config
+        per_frame = math.ceil((vision.image_size // vision.patch_size) / 2) ** 2
+        videos = []
+        for run in runs:
+            frames, rest = divmod(run.length - 1, per_frame)
+            if rest or frames < 1:
+                raise ValueError(
+                    f"A video of {run.length} tokens is not frames x {per_frame} pooled tokens + 1 newline; "
+                    "compression expects the processor's video placeholders."
+                )
+            videos.append(_Video(run.row, [run.start + f * per_frame for f in range(frames)], per_frame))
+        return videos
+    merge = config.vision_config.spatial_merge_size**2
+    videos, queue = [], list(runs)
+    for t, h, w in (tuple(int(x) for x in grid) for grid in grids.tolist()):
+        per_frame = h * w // merge
+        if family.frame_spans:  # Qwen3-VL: one run of tokens per temporal step, with text between them
+            steps, queue = queue[:t], queue[t:]
+            if len(steps) != t or any(step.length != per_frame for step in steps) or len({s.row for s in steps}) != 1:
+                raise ValueError(f"video tokens do not match video_grid_thw {(t, h, w)}: expected {t} runs of {per_frame}")
+            videos.append(_Video(steps[0].row, [step.start for step in steps], per_frame))
+        else:
+            if not queue or queue[0].length != t * per_frame:
+                raise ValueError(f"video tokens do not match video_grid_thw {(t, h, w)}: expected {t * per_frame}")
+            run = queue.pop(0)
+            videos.append(_Video(run.row, [run.start + f * per_frame for f in range(t)], per_frame))
+    if queue:
+        raise ValueError(f"{len(queue)} run(s) of video tokens have no video_grid_thw entry")
+    return videos
+
+
+def _video_token_id(config) -> int:
+    for name in ("video_token_id", "video_token_index"):
+        value = getattr(config, name, None)
+        if value is not None:
+            return int(value)
+    raise ValueError(f"{type(config).__name__} names no video token id")
+
+
+def _text_config(model):
+    return model.config.get_text_config(decoder=True)
+
+
+def _padding_mask(mask, batch: int, length: int, device) -> torch.Tensor:
+    """(batch, length) bool: the real tokens of the prefill, from a 2D mask, a 4D mask or a dict of them."""
+    if isinstance(mask, dict):
+        mask = mask.get("full_attention", next(iter(mask.values())))
+    if mask is None:
+        return torch.ones(batch, length, dtype=torch.bool, device=device)
+    if mask.ndim == 2:
+        return mask[:, -length:].bool()
+    last = mask[:, 0, -1, :length]  # the last query sees every real key of its row
+    return last if last.dtype == torch.bool else last == 0
+
+
+def _cached_length(cache) -> int:
+    length = cache.get_seq_length()
+    return int(length) if isinstance(length, torch.Tensor) else length
+
+
+def _max_cache_len(cache) -> int:
+    return getattr(cache, "max_cache_len", None) or cache.layers[0].max_cache_len
