@@ -167,11 +167,15 @@ def test_visualize_writes_a_readable_png(compare_run):
 
 def test_recorder_maps_dycoke_active_set_to_frames(tiny_checkpoint, sample_video, tmp_path):
     """The heatmap's data: per decoding step, the active video tokens of each frame add up to DyCoke's count."""
-    from llava.model.builder import load_pretrained_model
-    from llava.video import load_video
-    from llava.visualize import active_fraction_per_frame, kept_mask, write_visualization
     from llava.compression.layout import video_token_layout
     from llava.compression.ttm import TemporalTokenMerging
+    from llava.model.builder import load_pretrained_model
+    from llava.video import load_video
+    from llava.visualize import (
+        active_fraction_per_frame,
+        kept_mask,
+        write_visualization,
+    )
 
     tokenizer, model, processor, _ = load_pretrained_model(
         str(tiny_checkpoint), None, "llava_qwen", device_map="cpu", torch_dtype="float32", attn_implementation="sdpa"

@@ -188,6 +188,36 @@ def test_qwen_dycoke_decoding_equals_the_masked_rule(name):
     assert kv["image_tokens"] == [len(positions)]
 
 
+@pytest.mark.parametrize("name", QWEN)
+def test_a_decoding_loop_without_generate_continues_from_the_stock_positions(models, name):
+    """Without explicit position ids a Qwen VL model places the next token at (cached tokens + rope_deltas); the
+    compressed cache holds fewer tokens, and the deltas follow: the next token gets the stock model's position.
+    (generate passes positions itself; transformers 5.23's Qwen2.5-VL places it differently there, compressed
+    or not.)"""
+    model = models[name]
+    inputs = inputs_for(name, model)
+
+    def next_positions():
+        seen = []
+        hook = model.model.language_model.register_forward_pre_hook(
+            lambda module, args, kwargs: seen.append(kwargs["position_ids"]), with_kwargs=True
+        )
+        try:
+            with torch.no_grad():
+                output = model(**inputs, use_cache=True)
+                token = output.logits[:, -1:].argmax(-1)
+                model(input_ids=token, past_key_values=output.past_key_values, use_cache=True)
+        finally:
+            hook.remove()
+        return seen[-1]
+
+    stock = next_positions()
+    with compressed(model, **SETTINGS["dycoke"]) as handle:
+        ours = next_positions()
+    assert handle.last_stats["video_tokens_after"] < handle.last_stats["video_tokens_before"]
+    assert torch.equal(ours[-3:], stock[-3:])  # the 3 multimodal rows (a 4th, first row is the text position)
+
+
 def test_native_onevision_dycoke_gives_the_tokens_of_the_llava_next_model(tiny_checkpoint):
     """The same weights in both formats, DyCoke with the same settings: the same answer."""
     settings = dict(dycoke=True, dycoke_k=0.7, dycoke_l=2, dycoke_p=0.7)

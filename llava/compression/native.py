@@ -310,7 +310,7 @@ class _Sequence:
 
     def compact_prefill(self, kwargs, cache) -> None:
         """Choose the kept video tokens, then shorten ``inputs_embeds`` and its positions and mask to them."""
-        owner = self.owner
+        owner, family = self.owner, self.owner.family
         embeds = kwargs["inputs_embeds"]
         padding = _padding_mask(kwargs.get("attention_mask"), self.batch, self.length, embeds.device)
         columns, kept_video, before, after = self._kept_columns(embeds, padding)
@@ -332,6 +332,11 @@ class _Sequence:
             kwargs["visual_pos_masks"] = visual.gather(1, index) & valid
         self.valid, self.width = valid, width
         self.dropped = (padding.sum(dim=1) - valid.sum(dim=1))[:, None]  # tokens dropped per row
+        deltas = getattr(owner.model.model, "rope_deltas", None)
+        if family.keep_positions and isinstance(deltas, torch.Tensor):
+            # The Qwen models' next position without explicit position ids is (cached tokens + rope_deltas): the
+            # cache now holds `dropped` fewer tokens than the prompt. (generate passes positions itself.)
+            owner.model.model.rope_deltas = deltas + self.dropped.to(deltas.device)
         capacity = self._decoded_capacity(cache, width)
         self.mask = KeyMask(valid, capacity, BOOL, torch.bool)
         self.step = torch.zeros(1, dtype=torch.long, device=embeds.device)

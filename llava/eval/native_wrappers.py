@@ -8,11 +8,11 @@ llava_hf): each gets its subclass here too.
 
 from __future__ import annotations
 
-from loguru import logger  # lmms-eval's logger
 from lmms_eval.models.chat import llava_hf as llava_hf_chat
 from lmms_eval.models.chat import qwen2_5_vl as qwen2_5_vl_chat
 from lmms_eval.models.chat import qwen3_vl as qwen3_vl_chat
 from lmms_eval.models.simple import llava_hf, qwen2_5_vl, qwen2_vl, qwen3_vl
+from loguru import logger  # lmms-eval's logger
 
 from llava.compression import apply_compression
 from llava.eval.model_args import split_model_args
