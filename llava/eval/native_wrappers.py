@@ -29,52 +29,24 @@ def init_with_compression(wrapper, stock_cls, model: str, model_args: dict) -> N
         logger.info(f"{model}: video-token compression {handle.describe()}")
 
 
-class Qwen2VL(qwen2_vl.Qwen2_VL):
-    """The stock ``qwen2_vl`` wrapper with the compression model args."""
+def with_compression(stock_cls, model: str, name: str) -> type:
+    """A subclass of the stock wrapper ``stock_cls`` (lmms-eval's ``--model model``) that takes the compression
+    model args."""
 
     def __init__(self, **model_args):
-        init_with_compression(self, qwen2_vl.Qwen2_VL, "qwen2_vl", model_args)
+        init_with_compression(self, stock_cls, model, model_args)
+
+    doc = f"The stock ``{model}`` wrapper ({stock_cls.__module__}) with the compression model args."
+    return type(name, (stock_cls,), {"__init__": __init__, "__doc__": doc, "__module__": __name__, "__qualname__": name})
 
 
-class Qwen25VL(qwen2_5_vl.Qwen2_5_VL):
-    """The stock ``qwen2_5_vl`` wrapper with the compression model args."""
-
-    def __init__(self, **model_args):
-        init_with_compression(self, qwen2_5_vl.Qwen2_5_VL, "qwen2_5_vl", model_args)
-
-
-class Qwen3VL(qwen3_vl.Qwen3_VL):
-    """The stock ``qwen3_vl`` wrapper with the compression model args."""
-
-    def __init__(self, **model_args):
-        init_with_compression(self, qwen3_vl.Qwen3_VL, "qwen3_vl", model_args)
-
-
-class LlavaHf(llava_hf.LlavaHf):
-    """The stock ``llava_hf`` wrapper (transformers' LLaVA-OneVision among others) with the compression model args.
-
-    Note: the stock wrapper answers with an empty string when generation raises; check the log for errors."""
-
-    def __init__(self, **model_args):
-        init_with_compression(self, llava_hf.LlavaHf, "llava_hf", model_args)
-
-
-class Qwen25VLChat(qwen2_5_vl_chat.Qwen2_5_VL):
-    """The stock chat ``qwen2_5_vl`` wrapper with the compression model args."""
-
-    def __init__(self, **model_args):
-        init_with_compression(self, qwen2_5_vl_chat.Qwen2_5_VL, "qwen2_5_vl", model_args)
-
-
-class Qwen3VLChat(qwen3_vl_chat.Qwen3_VL):
-    """The stock chat ``qwen3_vl`` wrapper with the compression model args."""
-
-    def __init__(self, **model_args):
-        init_with_compression(self, qwen3_vl_chat.Qwen3_VL, "qwen3_vl", model_args)
-
-
-class LlavaHfChat(llava_hf_chat.LlavaHf):
-    """The stock chat ``llava_hf`` wrapper with the compression model args."""
-
-    def __init__(self, **model_args):
-        init_with_compression(self, llava_hf_chat.LlavaHf, "llava_hf", model_args)
+# Simple and chat versions (lmms-eval runs the chat one when a model has it).
+Qwen2VL = with_compression(qwen2_vl.Qwen2_VL, "qwen2_vl", "Qwen2VL")
+Qwen25VL = with_compression(qwen2_5_vl.Qwen2_5_VL, "qwen2_5_vl", "Qwen25VL")
+Qwen25VLChat = with_compression(qwen2_5_vl_chat.Qwen2_5_VL, "qwen2_5_vl", "Qwen25VLChat")
+Qwen3VL = with_compression(qwen3_vl.Qwen3_VL, "qwen3_vl", "Qwen3VL")
+Qwen3VLChat = with_compression(qwen3_vl_chat.Qwen3_VL, "qwen3_vl", "Qwen3VLChat")
+# transformers' LLaVA-OneVision among others; the stock wrapper answers with an empty string when generation
+# raises: check the log for errors.
+LlavaHf = with_compression(llava_hf.LlavaHf, "llava_hf", "LlavaHf")
+LlavaHfChat = with_compression(llava_hf_chat.LlavaHf, "llava_hf", "LlavaHfChat")
