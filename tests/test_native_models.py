@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 from torch import nn
+from transformers import DynamicCache
 
 from llava.compression import apply_compression, compressed, remove_compression
 from tests import native_models as nm
@@ -259,6 +260,9 @@ def test_invalid_uses_are_clear_errors(models):
     with compressed(model, compressor="dycoke"):
         with pytest.raises(ValueError, match="use_cache=True"):
             model.generate(**inputs, max_new_tokens=2, use_cache=False)
+    with compressed(model, compressor="vidcom2"):
+        with pytest.raises(ValueError, match="leave past_key_values out"):
+            model.generate(**inputs, max_new_tokens=2, past_key_values=DynamicCache(config=model.config))
     inputs.pop("video_grid_thw")
     with compressed(model, compressor="vidcom2"), pytest.raises(ValueError, match="no video_grid_thw"):
         model(**inputs)

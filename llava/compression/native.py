@@ -195,12 +195,14 @@ class NativeCompression:
         """``model.generate`` with compression applied: the call gets a cache made for it (dynamic, or static with
         ``cache_implementation="static"``), which the prefill fills with the generation's state; afterwards
         ``last_stats`` says what compression did."""
-        if kwargs.get("past_key_values") is not None or kwargs.get("use_cache") is False:
+        if kwargs.get("past_key_values") is not None:
+            raise ValueError(
+                "With video-token compression each generate call makes its own cache (it holds the call's state): "
+                "leave past_key_values out (cache_implementation='static' or 'dynamic' chooses its kind)."
+            )
+        if kwargs.get("use_cache") is False:
             if self.decoder is not None:
-                raise ValueError(
-                    f"{self.decoder.name} makes the cache of each generate call (it holds the call's pruning state): "
-                    "generate with use_cache=True and without past_key_values."
-                )
+                raise ValueError(f"{self.decoder.name} works on the KV cache: generate with use_cache=True.")
             return stock_generate(*args, **kwargs)
         config = kwargs.get("generation_config") or self.model.generation_config
         implementation = kwargs.pop("cache_implementation", None) or config.cache_implementation
