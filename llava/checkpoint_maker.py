@@ -17,6 +17,7 @@ import json
 import os
 import sys
 from dataclasses import asdict, dataclass, replace
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -66,8 +67,12 @@ PRESETS = {
 }
 
 
-def build_tiny_tokenizer():
-    """A byte-level BPE tokenizer with Qwen's special tokens (``<|im_start|>``, ``<|im_end|>``, ...)."""
+def build_tiny_tokenizer(extra_words: Sequence[str] = ()):
+    """A byte-level BPE tokenizer with Qwen's special tokens (``<|im_start|>``, ``<|im_end|>``, ...).
+
+    Each of ``extra_words`` (after the built-in English pieces, in the given order) becomes one token: merges are
+    added so that the word, as BPE pre-tokenizes it (with or without its leading space), is merged whole.
+    """
     from tokenizers import AddedToken
     from transformers import Qwen2Tokenizer
     from transformers.convert_slow_tokenizer import bytes_to_unicode
@@ -75,8 +80,11 @@ def build_tiny_tokenizer():
     to_unicode = bytes_to_unicode()
     vocab = {char: index for index, char in enumerate(to_unicode.values())}
     merges: list[tuple[str, str]] = []
-    for word in _TINY_MERGE_WORDS:
+    extra = [word for word in dict.fromkeys(extra_words) if word not in _TINY_MERGE_WORDS]  # in order, no repeats
+    for word in (*dict.fromkeys(_TINY_MERGE_WORDS), *extra):
         pieces = ["".join(to_unicode[b] for b in ch.encode()) for ch in word]
+        if word in extra:  # first what the merges so far make of it, so that the new ones continue from there
+            pieces = _apply_merges(pieces, merges)
         while len(pieces) > 1:
             merged = pieces[0] + pieces[1]
             if merged not in vocab:
@@ -88,6 +96,17 @@ def build_tiny_tokenizer():
     tokenizer.eos_token, tokenizer.pad_token = "<|im_end|>", "<|endoftext|>"
     tokenizer.model_max_length = 32768
     return tokenizer
+
+
+def _apply_merges(pieces: list[str], merges: list[tuple[str, str]]) -> list[str]:
+    """Byte-pair encoding of ``pieces`` with ``merges``: the earliest merge present is applied first, repeatedly."""
+    ranks = {pair: rank for rank, pair in enumerate(merges)}
+    while len(pieces) > 1:
+        rank, index = min((ranks.get(pair, len(ranks)), i) for i, pair in enumerate(zip(pieces, pieces[1:])))
+        if rank == len(ranks):
+            return pieces
+        pieces = pieces[:index] + [pieces[index] + pieces[index + 1]] + pieces[index + 2 :]
+    return pieces
 
 
 def tiny_config(spec: TinySpec, vocab_size: int, special_ids: dict[str, int]) -> dict:
@@ -215,11 +234,13 @@ def make_tiny_checkpoint(
     *,
     seed: int = 0,
     max_shard_bytes: int | None = None,
+    tokenizer_words: Sequence[str] = (),
     **overrides,
 ) -> Path:
     """Write a random-weight LLaVA-OV checkpoint (real on-disk format) to ``path`` and return it.
 
     ``preset`` is a name from ``PRESETS`` or a ``TinySpec``; ``overrides`` replace spec fields.
+    ``tokenizer_words``: words the tokenizer keeps whole (see :func:`build_tiny_tokenizer`).
     The same arguments always give the same weights.
     """
     if isinstance(preset, str):
@@ -235,7 +256,7 @@ def make_tiny_checkpoint(
 
     folder = Path(path)
     (folder / "vision_tower").mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tiny_tokenizer()
+    tokenizer = build_tiny_tokenizer(tokenizer_words)
     tokenizer.save_pretrained(folder)
     special_ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
     vocab_size = (len(tokenizer) + 63) // 64 * 64  # padded, like Qwen's 151936 > len(tokenizer)
@@ -254,15 +275,6 @@ def make_tiny_checkpoint(
         )
     config_for_weights = dict(config, mm_vision_tower=str(folder / "vision_tower"))
     save_sharded(random_state_dict(config_for_weights, seed), folder, max_shard_bytes)
-    return folder
-
-
-def builtin_checkpoint(preset: str = "small") -> Path:
-    """The built-in demo checkpoint, written once (deterministically) under the user cache directory."""
-    root = Path(os.environ.get("LLAVA_CACHE", Path.home() / ".cache" / "llava"))
-    folder = root / f"builtin-{preset}"
-    if not (folder / "config.json").is_file():
-        make_tiny_checkpoint(folder, preset)
     return folder
 
 
@@ -286,7 +298,7 @@ def scale_attention_logits(model, scale: float) -> None:
 
 PRESET_HELP = {
     "tiny": "hidden 64, 4 layers, 16 tokens per frame: builds in a second; what the tests use",
-    "small": "hidden 256, 8 layers, 49 tokens per frame: the llava-video built-in model (about 25 MB)",
+    "small": "hidden 256, 8 layers, 49 tokens per frame (about 25 MB): the CPU benchmark's sizes",
     "llava-video-tiny": "the tiny sizes in the LLaVA-Video layout (newline per row, average pooling)",
 }
 WEIGHT_FILE_PATTERNS = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json")

@@ -23,8 +23,10 @@ import torch
 from llava.compression.settings import METHOD_ARGUMENTS, CompressionSettings, check_setting, settings_from_kwargs
 
 COMPRESSORS = ("dycoke", "vidcom2", "fastv", "none")
-DEFAULT_QUESTION = "What happens in this video? Describe the moving object."
+DEFAULT_QUESTION = "What happens in this video? Describe the moving object."  # for a VIDEO given without one
 DEFAULT_RUNS_WITH_COMPARE = 3
+DEFAULT_FRAMES = 32  # lmms-eval's llava_onevision default (max_frames_num)
+TOY_FRAMES = 8  # llava.toy.videoqa.SAMPLED_FRAMES (not imported here: --help stays fast)
 ANSWER_CELL_WIDTH = 40  # characters of the answer shown in the table (the full answer is printed above it)
 
 # The compression settings the command has an option for; each option is the setting's name with dashes.
@@ -36,14 +38,15 @@ Ask a question about a video, with or without video-token compression (DyCoke, V
 FastV), and print the answer, the number of video tokens that enter the language model,
 and the timings.
 
-With no --model it runs a built-in small random-weight checkpoint: its answers are noise
-(it shows the pipeline, the token counts and the timings, not understanding). With no
-VIDEO it uses a generated sample video."""
+With no --model it runs the built-in toy model: a small LLaVA-OneVision trained here on
+synthetic clips of coloured shapes (llava.toy), which answers questions about such clips
+("List the colours in order of appearance.", "Which colour flashes?", ...). With no
+VIDEO it generates such a clip, asks its question and shows the expected answer."""
 
 EPILOG = """\
 examples:
   llava-video --compare
-      built-in model, generated video: the baseline next to DyCoke
+      toy model, generated clip: the baseline next to DyCoke, with the expected answer
   llava-video clip.mp4 "What is the person holding?" --model lmms-lab/llava-onevision-qwen2-7b-ov
       a real checkpoint (downloaded once), DyCoke with its default settings
   llava-video clip.mp4 --compressor vidcom2 --vidcom2-r 0.25 --compare --runs 5 --visualize kept.png
@@ -66,13 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(prog, max_help_position=30),
     )
-    parser.add_argument("video", nargs="?", metavar="VIDEO", help="video file (default: a generated sample video)")
-    parser.add_argument("question", nargs="?", metavar="QUESTION", default=DEFAULT_QUESTION,
-                        help="the question, quoted (default: %(default)r)")
+    parser.add_argument("video", nargs="?", metavar="VIDEO",
+                        help="video file (default: a generated toy clip, asked its own question)")
+    parser.add_argument("question", nargs="?", metavar="QUESTION",
+                        help=f"the question, quoted (default: the toy clip's question; with a VIDEO, "
+                             f"{DEFAULT_QUESTION!r})")
 
     run = parser.add_argument_group("model and run")
     run.add_argument("--model", metavar="PATH_OR_HUB_ID",
-                     help="checkpoint folder or hub id (default: the built-in small random-weight model)")
+                     help="checkpoint folder or hub id (default: the built-in toy model, llava.toy.TOY_CHECKPOINT)")
     run.add_argument("--compressor", default="dycoke", choices=COMPRESSORS,
                      help="video-token compression to run (default: %(default)s)")
     run.add_argument("--compare", action="store_true",
@@ -80,8 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--runs", type=int, metavar="N",
                      help=f"timed runs per method after a warm-up; the table shows their median and range "
                           f"(default: {DEFAULT_RUNS_WITH_COMPARE} with --compare, else 1)")
-    run.add_argument("--frames", type=int, default=32, metavar="N",
-                     help="frames sampled uniformly from the video (default: %(default)s)")
+    run.add_argument("--frames", type=int, metavar="N",
+                     help=f"frames sampled uniformly from the video (default: {TOY_FRAMES} for the toy model, "
+                          f"which was trained with {TOY_FRAMES}; else {DEFAULT_FRAMES})")
     run.add_argument("--max-new-tokens", type=int, default=32, metavar="N",
                      help="longest answer, in tokens (default: %(default)s)")
     run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -134,6 +140,11 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"{option_name(name)} must be >= 1, got {value}")
     if args.runs is None:
         args.runs = DEFAULT_RUNS_WITH_COMPARE if args.compare else 1
+    if args.frames is None:
+        args.frames = TOY_FRAMES if args.model is None else DEFAULT_FRAMES
+    if args.video is not None and args.question is None:
+        args.question = DEFAULT_QUESTION
+    args.expected = None  # the toy clip's answer, when the command generates the clip
 
     from llava.conversation import conv_templates
 
@@ -213,13 +224,13 @@ def check_layer_options(args, folder: Path) -> None:
 
 
 def load(args):
-    from llava.checkpoint_maker import builtin_checkpoint
     from llava.model.builder import load_pretrained_model, resolve_checkpoint
+    from llava.toy import TOY_CHECKPOINT
 
     model_path = args.model
     if model_path is None:
-        say("No --model given: using the built-in small random-weight checkpoint (its answers are random-weight output).")
-        model_path = str(builtin_checkpoint())
+        say("No --model given: using the built-in toy model (trained on synthetic clips of coloured shapes).")
+        model_path = str(TOY_CHECKPOINT)
     folder = resolve_checkpoint(model_path)  # a hub id is downloaded here, with the hub's progress bars
     check_layer_options(args, folder)
     dtype = args.dtype or ("bfloat16" if str(args.device).startswith("cuda") else "float32")
@@ -234,14 +245,20 @@ def load(args):
 
 
 def read_frames(args, workdir: Path):
-    """Decode the sampled frames (before the model loads, so a bad video fails fast)."""
-    from llava.video import load_video, make_sample_video
+    """Decode the sampled frames (before the model loads, so a bad video fails fast). With no VIDEO: write the toy
+    demo clip, and take its question (unless one was given) and expected answer."""
+    from llava.video import load_video
 
     video = args.video
     if video is None:
-        video = str(workdir / "sample.mp4")
-        make_sample_video(video)
-        say(f"No video given: generated a sample video ({video}).")
+        from llava.toy import demo_sample, write_mp4
+
+        sample = demo_sample()
+        video = str(write_mp4(sample, workdir / "toy-clip.mp4"))
+        if args.question is None:
+            args.question, args.expected = sample.question, sample.answer
+        say(f"No video given: generated a toy clip ({sample.num_frames} frames, {sample.size}x{sample.size} px, "
+            f"{len(sample.shapes)} shapes).")
     say(f"Decoding {args.frames} frames from {video} ...")
     frames, info = load_video(video, args.frames)
     say(f"Read {info.num_frames} frames of {info.total_frames} ({info.duration:.1f} s of video).")
@@ -398,10 +415,10 @@ def main(argv=None) -> int:
         say(f"error: {error}")
         return 2
     print(f"Question: {one_line(args.question)}")
+    if args.expected:
+        print(f"Expected: {args.expected}")
     for result in results:
         print(f"Answer ({result['compressor']}): {one_line(result['answer'])}")
-    if args.model is None:
-        print("(The built-in model has random weights: its answer is noise. Pass --model for a real checkpoint.)")
     print()
     print(format_table(results))
     for note in table_notes(results, args.runs):

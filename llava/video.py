@@ -13,8 +13,8 @@
 time instruction, see :func:`time_instruction`). Every failure is a :class:`VideoLoadError`
 naming the file.
 
-:func:`make_sample_video` writes a small synthetic clip (a red square moving left to right
-over a gradient) for demos and tests.
+:func:`write_mp4` writes frames as an mp4 that decord reads back; :func:`make_sample_video` writes a small
+synthetic clip (a red square moving left to right over a gradient) for demos and tests.
 """
 
 from __future__ import annotations
@@ -230,9 +230,22 @@ def make_sample_video(
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
     if height % 2 or width % 2 or height < 16 or width < 16:
         raise ValueError(f"size must be even and at least 16x16 (yuv420p), got {size}")
+    return write_mp4(path, np.stack([_sample_frame(i, num_frames, height, width) for i in range(num_frames)]), fps)
+
+
+def write_mp4(path: PathLike, frames: np.ndarray, fps: int = 8) -> Path:
+    """Write ``frames`` (T, H, W, 3) uint8 RGB as an mp4 (MPEG-4 part 2, yuv420p) and check that decord reads it
+    back; returns its path. H and W must be even and at least 16; a size decord misreads raises ``ValueError``.
+    """
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or frames.shape[0] < 1:
+        raise ValueError(f"frames must be a (T, H, W, 3) uint8 array with T >= 1, got {frames.dtype} {frames.shape}")
+    height, width = frames.shape[1:3]
+    if height % 2 or width % 2 or height < 16 or width < 16:
+        raise ValueError(f"size must be even and at least 16x16 (yuv420p), got {(height, width)}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _encode_mp4(path, [_sample_frame(i, num_frames, height, width) for i in range(num_frames)], fps)
+    _encode_mp4(path, list(frames), fps)
     try:
         load_video(path, 1)
     except VideoLoadError as error:

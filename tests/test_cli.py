@@ -24,7 +24,6 @@ from llava.video import make_sample_video
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TABLE_COLUMNS = ["compressor", "video tokens", "vision ms", "prefill ms", "decode ms/token", "peak memory", "answer"]
 TIME_WITH_RANGE = re.compile(r"^(\d+\.\d) \((\d+\.\d)-(\d+\.\d)\)$")  # "median (min-max)", ms
-DISCLAIMER = "The built-in model has random weights"
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +73,7 @@ def test_compare_prints_answers_and_table(compare_run):
     assert "Question: What moves?" in stdout
     assert re.search(r"^Answer \(none\): ", stdout, re.M)
     assert re.search(r"^Answer \(dycoke\): ", stdout, re.M)
-    assert DISCLAIMER not in stdout  # --model was given
+    assert "Expected:" not in stdout  # a given video has no known answer
     rows = table_rows(stdout)
     assert list(rows) == ["none", "dycoke"]
     baseline, dycoke = int(rows["none"]["video tokens"]), int(rows["dycoke"]["video tokens"])
@@ -213,22 +212,27 @@ def test_recorder_maps_dycoke_active_set_to_frames(tiny_checkpoint, sample_video
 # ---- the console entry and the built-in model --------------------------------------------------------------------
 
 
-def test_module_entry_with_builtin_model(tmp_path):
-    """``python -m llava.cli`` with no VIDEO and no --model: generated video, built-in model, disclaimer."""
-    env = dict(os.environ, LLAVA_CACHE=str(tmp_path / "cache"))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+def test_module_entry_with_the_toy_model_answers_the_demo_clip(tmp_path):
+    """``python -m llava.cli --compare`` with no VIDEO and no --model: the toy model, its demo clip and question,
+    the expected answer shown, and the baseline and DyCoke answering it right."""
+    from llava.toy import demo_sample
+    from llava.toy.drawing import COLOURS
+
+    sample = demo_sample()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
     completed = subprocess.run(
-        [sys.executable, "-m", "llava.cli", "--frames", "4", "--max-new-tokens", "4"],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
+        [sys.executable, "-m", "llava.cli", "--compare", "--runs", "1"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )
     assert completed.returncode == 0, completed.stderr
-    assert re.search(r"^Answer \(dycoke\): ", completed.stdout, re.M)
-    assert DISCLAIMER in completed.stdout
-    assert "random-weight" in completed.stderr and "generated a sample video" in completed.stderr
-    assert list(table_rows(completed.stdout)) == ["dycoke"]
-    assert (tmp_path / "cache" / "builtin-small" / "config.json").is_file()  # LLAVA_CACHE is honoured
+    assert "built-in toy model" in completed.stderr and "generated a toy clip" in completed.stderr
+    assert f"Question: {sample.question}\nExpected: {sample.answer}\n" in completed.stdout
+    colours = "|".join(COLOURS)
+    for method in ("none", "dycoke"):  # the answer has the trained form: three colours in a list
+        assert re.search(rf"^Answer \({method}\): ({colours}), ({colours}), ({colours})\.$", completed.stdout, re.M)
+    assert list(table_rows(completed.stdout)) == ["none", "dycoke"]
     assert "Traceback" not in completed.stderr
-    assert "Loading weights" not in completed.stderr  # no progress bar for a 25 MB model
+    assert "Loading weights" not in completed.stderr  # no progress bar for a small model
 
 
 def test_progress_bars_are_restored_after_the_load(compare_run):

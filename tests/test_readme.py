@@ -1,7 +1,8 @@
-"""The README's Python example runs, offline, exactly as the README says to run it offline.
+"""The README's Python examples run, offline, exactly as the README says to run them.
 
-The test runs the README's offline commands (``llava-make-checkpoint ./llava-tiny --preset tiny`` and the sample
-video), sets ``MODEL`` and ``VIDEO`` in the example to what they made, and runs the example's code block as is.
+The first test runs the README's offline commands (``llava-make-checkpoint ./llava-tiny --preset tiny`` and the
+sample video), sets ``MODEL`` and ``VIDEO`` in the example to what they made, and runs the example's code block as
+is. The second runs the toy model's example and compares its output with the one the README shows.
 """
 
 from __future__ import annotations
@@ -14,17 +15,23 @@ from pathlib import Path
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 EXAMPLE_SECTION = "## Use a real checkpoint from Python"
+TOY_SECTION = "## The toy model: real answers and accuracy offline"
 
 
 def code_blocks(text: str, language: str) -> list[str]:
     return re.findall(rf"^```{language}\n(.*?)^```", text, re.M | re.S)
 
 
-def example_section() -> str:
+def section(title: str) -> str:
     text = README.read_text()
-    start = text.index(EXAMPLE_SECTION)
-    end = text.index("\n## ", start + len(EXAMPLE_SECTION))
+    start = text.index(title)
+    end = text.index("\n## ", start + len(title))
     return text[start:end]
+
+
+def offline_env() -> dict:
+    return dict(os.environ, PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+                HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="")  # no network, and the CPU branch of the examples
 
 
 def set_variable(code: str, name: str, value: str) -> str:
@@ -35,12 +42,11 @@ def set_variable(code: str, name: str, value: str) -> str:
 
 
 def test_readme_python_example_runs_offline(tmp_path):
-    section = example_section()
-    example = code_blocks(section, "python")[0]
-    offline = code_blocks(section, "bash")[0]
+    text = section(EXAMPLE_SECTION)
+    example = code_blocks(text, "python")[0]
+    offline = code_blocks(text, "bash")[0]
     assert "llava-make-checkpoint ./llava-tiny" in offline
-    env = dict(os.environ, PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
-               HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="")  # no network, and the CPU branch of the example
+    env = offline_env()
     for command in offline.splitlines():
         command = command.split("  #")[0].strip()
         if command:
@@ -57,3 +63,14 @@ def test_readme_python_example_runs_offline(tmp_path):
     assert done.returncode == 0, done.stderr
     last_line = done.stdout.strip().splitlines()[-1]
     assert re.match(r"dycoke: video tokens 512 -> \d+; KV pruning over \d+ decoding steps", last_line), last_line
+
+
+def test_readme_toy_example_prints_what_the_readme_shows(tmp_path):
+    """The toy model's example runs as is and prints exactly the output the README shows under it."""
+    text = section(TOY_SECTION)
+    script = tmp_path / "toy_example.py"
+    script.write_text(code_blocks(text, "python")[0])
+    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=offline_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == code_blocks(text, "text")[0].strip()

@@ -45,15 +45,20 @@ doc_to_text: !function utils.doc_to_text
 doc_to_target: answer
 process_results: !function utils.process_results
 generation_kwargs:
-  max_new_tokens: 3
+  max_new_tokens: {max_new_tokens}
   do_sample: false
 metric_list:
-  - metric: exact_match
-    aggregation: mean
-    higher_is_better: true
-metadata:
+{metrics}metadata:
   version: 0.0
 """
+EXACT_MATCH = "  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n"
+
+
+def task_yaml(task: str, data: Path, max_new_tokens: int, metrics: str = EXACT_MATCH) -> str:
+    """The yaml of a generate-until video task over local json rows (``video``, ``question``, ``answer``) whose
+    ``utils.py`` defines ``doc_to_visual``, ``doc_to_text`` and ``process_results``; ``metrics``: the
+    ``metric_list`` entries."""
+    return TASK_YAML.format(task=task, data=data, max_new_tokens=max_new_tokens, metrics=metrics)
 
 
 def cut_short(video: Path) -> None:
@@ -76,7 +81,7 @@ def make_smoke_task(folder: str | Path, task: str = TASK_NAME, videos: int = 2, 
     data = folder / f"{task}.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     (folder / "utils.py").write_text(TASK_UTILS)
-    (folder / f"{task}.yaml").write_text(TASK_YAML.format(task=task, data=data))
+    (folder / f"{task}.yaml").write_text(task_yaml(task, data, max_new_tokens=3))
     return folder
 
 

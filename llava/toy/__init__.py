@@ -1,0 +1,29 @@
+"""A toy video-QA world: synthetic clips of coloured shapes with exact questions and answers
+(:mod:`llava.toy.videoqa`), the way a LLaVA model is asked them (:mod:`llava.toy.qa`), and a small LLaVA-OneVision
+checkpoint trained on them from scratch (``TOY_CHECKPOINT``, made by ``scripts/train_toy.py``), the built-in model
+of ``llava-video``.
+
+``TOY_CHECKPOINT`` is a folder in the lmms-lab on-disk format::
+
+    load_pretrained_model(str(TOY_CHECKPOINT), None, "llava_qwen", device_map="cpu", torch_dtype="float32",
+                          attn_implementation="sdpa")
+"""
+
+from pathlib import Path
+
+from llava.toy.videoqa import FAMILIES, Sample, make_dataset, make_sample, write_mp4
+
+TOY_CHECKPOINT = Path(__file__).resolve().parent / "checkpoint"
+TOY_EVAL_FILE = "toy_eval.json"  # in TOY_CHECKPOINT: the held-out accuracy measured after training
+
+DEMO_KEY = (7, 4, 0)  # the llava-video demo clip: an "order" clip whose three shapes appear one after another
+
+
+def demo_sample() -> Sample:
+    """The clip ``llava-video`` generates when no video is given: three shapes appearing one after another, asked
+    "List the colours in order of appearance." (each answer word depends on other frames)."""
+    return make_sample("order", DEMO_KEY, clip_frames=32, size=128)
+
+
+__all__ = ["DEMO_KEY", "FAMILIES", "TOY_CHECKPOINT", "TOY_EVAL_FILE", "Sample", "demo_sample", "make_dataset",
+           "make_sample", "write_mp4"]
