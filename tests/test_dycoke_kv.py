@@ -114,8 +114,8 @@ def test_matches_the_masked_reference(case, regime, variant):
 def test_a_padded_batch_matches_the_reference_row_by_row(case, variant):
     c = case("mixed")
     questions = ("What happens in the video?", "Describe the colours and the motion in this short video clip.")
-    rows = [Case(c.tokenizer, c.model, c.reference, prompt(c.tokenizer, q), random_video(FRAMES, c.video.shape[-1], s))
-            for q, s in zip(questions, (6, 12))]
+    rows = [Case(c.tokenizer, c.model, c.reference, prompt(c.tokenizer, q), random_video(frames, c.video.shape[-1], s))
+            for q, frames, s in zip(questions, (FRAMES, FRAMES - 2), (6, 13))]  # uneven prompts and video tokens
     width = max(row.ids.shape[1] for row in rows)
     padded = torch.full((2, width), c.tokenizer.pad_token_id)
     mask = torch.zeros_like(padded)
@@ -130,7 +130,7 @@ def test_a_padded_batch_matches_the_reference_row_by_row(case, variant):
         assert torch.equal(tokens[index], ref_tokens[0])
         torch.testing.assert_close(logits[index], ref_logits[0], rtol=1e-5, atol=1e-5)
         assert kv["recompute_steps"][index] == [step for step, hit in enumerate(rule.recomputed) if hit]
-    assert kv["image_tokens"][0] != kv["image_tokens"][1] or rows[0].ids.shape != rows[1].ids.shape
+    assert kv["image_tokens"][0] != kv["image_tokens"][1]  # each row its own active count
 
 
 @pytest.mark.parametrize("variant", ["dynamic", "static"])

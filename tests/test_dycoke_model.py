@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from llava.compression.ttm import ttm_pruned_frames
+from tests.test_ttm import EXPECTED_PRUNED
 from llava.model.builder import load_pretrained_model
 from tests.conftest import random_video
 from tests.test_conformance import prompt_ids
@@ -40,7 +40,7 @@ def test_ttm_token_count_follows_the_pairing_rule(model_and_tokenizer, frames):
     run(model, tokenizer, random_video(frames, model.get_vision_tower().image_size, seed=frames), max_new_tokens=1)
     per_frame = pooled_tokens_per_frame(model)
     kept = int((1 - 0.7) * per_frame)
-    pruned = len(ttm_pruned_frames(frames))
+    pruned = len(EXPECTED_PRUNED[frames])  # written from the pairing rule in tests/test_ttm.py
     stats = model.last_compression_stats
     assert stats["video_tokens_before"] == frames * per_frame
     assert stats["video_tokens_after"] == frames * per_frame - pruned * (per_frame - kept)
@@ -164,11 +164,16 @@ def test_llava_video_grid_layout_keeps_row_newlines(tiny_video_checkpoint):
 
 
 def test_sdpa_and_eager_prune_alike(tiny_checkpoint):
-    outputs = []
+    """The two mask formats' backends make the same pruning decisions and give the same tokens."""
+    outputs, decisions = [], []
     for attn in ("sdpa", "eager"):
         tokenizer, model, _, _ = load_pretrained_model(
             str(tiny_checkpoint), None, "llava_qwen", device_map="cpu", torch_dtype="float32",
             attn_implementation=attn, dycoke=True, dycoke_l=2,
         )
         outputs.append(run(model, tokenizer, random_video(8, model.get_vision_tower().image_size, seed=20)))
+        kv = model.last_compression_stats["kv_pruning"]
+        decisions.append((kv["recompute_steps"], kv["entered"]))
     assert torch.equal(outputs[0], outputs[1])
+    assert decisions[0] == decisions[1]
+    assert decisions[0][0][0] and sum(decisions[0][1][0]) > 0  # pruning ran: a set was chosen and filled

@@ -4,6 +4,7 @@ entry point): the stock wrapper loads the model, then the compression is applied
 from __future__ import annotations
 
 import pytest
+import torch
 from lmms_eval.models import get_model
 from lmms_eval.models.simple import qwen2_vl
 
@@ -38,8 +39,15 @@ def test_compression_args_are_applied_after_the_stock_loading(stock_loading):
 
 
 def test_without_compression_args_the_stock_wrapper_runs_unchanged(stock_loading):
+    """No compression model arg: nothing is attached, and the wrapper's model computes what it did before."""
+    inputs = nm.video_inputs("qwen2_vl", stock_loading)
+    with torch.no_grad():
+        before = stock_loading(**inputs).logits
     wrapper = get_model("qwen2_vl")(pretrained="Qwen/Qwen2-VL-2B-Instruct", device="cpu", device_map="cpu")
-    assert "llava_compression" not in wrapper.model.__dict__
+    assert wrapper.model is stock_loading and "llava_compression" not in wrapper.model.__dict__
+    with torch.no_grad():
+        after = wrapper.model(**inputs).logits
+    assert torch.equal(after, before)
 
 
 @pytest.mark.parametrize("args, message", [

@@ -61,8 +61,8 @@ class KeyMask:
     def set_prefix(self, valid: torch.Tensor) -> None:
         """Replace the prefix validity in place (``valid``: (batch, X) bool)."""
         prefix = self.values[:, : self.prefix_length]
-        if self.kind == ADDITIVE:
-            prefix.copy_(torch.where(valid, self.valid_value, self.hidden_value))
+        if self.kind == ADDITIVE:  # in place, in the mask's dtype (a float64 minimum does not fit a float32 where)
+            prefix.fill_(self.hidden_value).masked_fill_(valid, self.valid_value)
         else:
             prefix.copy_(valid)
 
