@@ -144,3 +144,21 @@ def test_accuracy_script_and_stock_lmms_eval_give_the_same_answers(toy_task, env
     for family in FAMILIES:
         assert metrics[f"{family},none"] == pytest.approx(result["accuracy"][family])
     assert metrics["accuracy,none"] == pytest.approx(result["accuracy"]["all"])
+
+
+def test_probe_script_control_probe_is_near_perfect(toy):
+    """scripts/toy_probe.py (the README's diagnosis of the unlearned families): its control probe, the shape's
+    colour from the first frame's tokens (which the model does answer), is near perfect on held-out clips, so
+    features and labels line up and the probe can find what the tokens hold."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import toy_probe
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    tokenizer, model, image_processor = toy
+    results = toy_probe.run_probes(model, image_processor, clips=60)
+    assert list(results) == ["kind", "colour", "direction"]
+    accuracy, chance = results["colour"]
+    assert accuracy >= 0.9 > chance
+    counts = toy_probe.accuracy_by_shape_count(model, tokenizer, image_processor, per_family=6)
+    assert sum(asked for _, asked in counts.values()) == 12 and {family for family, _ in counts} == {"colour", "direction"}
