@@ -16,8 +16,8 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import asdict, dataclass, replace
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch

@@ -228,8 +228,6 @@ def make_sample_video(
     height, width = size
     if num_frames < 1:
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
-    if height % 2 or width % 2 or height < 16 or width < 16:
-        raise ValueError(f"size must be even and at least 16x16 (yuv420p), got {size}")
     return write_mp4(path, np.stack([_sample_frame(i, num_frames, height, width) for i in range(num_frames)]), fps)
 
 

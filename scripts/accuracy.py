@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from llava.toy import TOY_CHECKPOINT
+from llava.toy import TOY_CHECKPOINT, load_toy_model
 from llava.toy.lmms_task import make_toy_task, read_task_rows
 from llava.toy.qa import accuracy_by_family, answer_batch
 from llava.toy.videoqa import FAMILIES, HELD_OUT_SEED, SAMPLED_FRAMES
@@ -260,15 +260,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    from llava.model.builder import load_pretrained_model
-
     data = Path(args.data)
     if not (data / "videos").is_dir():
         print(f"Writing the llava_toy_videoqa clips ({args.per_family} per family) into {data} ...", flush=True)
         make_toy_task(data, args.per_family, HELD_OUT_SEED)
     rows = read_task_rows(data)
-    tokenizer, model, image_processor, _ = load_pretrained_model(
-        args.model, None, "llava_qwen", device_map="cpu", torch_dtype="float32", attn_implementation="sdpa")
+    tokenizer, model, image_processor = load_toy_model(args.model)
     videos = load_videos(rows, image_processor, SAMPLED_FRAMES)
     methods = [m for m in method_grid() if m.group in args.groups]
     print(f"{len(rows)} clips from {data}, {len(methods)} settings, model {args.model}", flush=True)

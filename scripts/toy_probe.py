@@ -21,20 +21,12 @@ import sys
 import numpy as np
 import torch
 
-from llava.toy import TOY_CHECKPOINT
+from llava.toy import TOY_CHECKPOINT, load_toy_model
 from llava.toy.drawing import COLOURS, SHAPES
 from llava.toy.qa import answer_samples, video_pixels
 from llava.toy.videoqa import DIRECTIONS, HELD_OUT_SEED, make_dataset, make_sample
 
 PROBE_SEED = 2_000_003  # sample keys (PROBE_SEED, i, 0): neither the training stream's nor the held-out set's
-
-
-def load(folder):
-    from llava.model.builder import load_pretrained_model
-
-    tokenizer, model, image_processor, _ = load_pretrained_model(
-        str(folder), None, "llava_qwen", device_map="cpu", torch_dtype="float32", attn_implementation="sdpa")
-    return tokenizer, model.eval(), image_processor
 
 
 def accuracy_by_shape_count(model, tokenizer, image_processor, per_family: int) -> dict[tuple[str, int], list[int]]:
@@ -111,7 +103,7 @@ def main(argv=None) -> int:
     if args.clips < 10:
         parser.error(f"--clips must be at least 10, got {args.clips}")
     torch.set_num_threads(args.threads)
-    tokenizer, model, image_processor = load(args.model)
+    tokenizer, model, image_processor = load_toy_model(args.model)
     print("| family | shapes in the clip | right | accuracy |\n|---|---:|---:|---:|")
     for (family, shapes), (right, asked) in accuracy_by_shape_count(model, tokenizer, image_processor,
                                                                     args.per_family).items():

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from llava.checkpoint_maker import WEIGHT_FILE_PATTERNS, save_sharded
-from llava.toy import TOY_CHECKPOINT, TOY_EVAL_FILE
+from llava.toy import TOY_CHECKPOINT, TOY_EVAL_FILE, load_toy_model
 from llava.toy.qa import accuracy_by_family, answer_samples, training_example, video_pixels
 from llava.toy.model import make_untrained_checkpoint
 from llava.toy.videoqa import FAMILIES, HELD_OUT_SEED, SAMPLED_FRAMES, make_dataset, sample_stream
@@ -109,18 +109,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def load(folder: Path):
-    from llava.model.builder import load_pretrained_model
-
-    return load_pretrained_model(str(folder), None, "llava_qwen", device_map="cpu", torch_dtype="float32",
-                                 attn_implementation="sdpa")
-
-
 def train(folder: Path, schedule: Schedule, seed: int, log_every: int, eval_every: int = 0) -> dict:
     """Write the random-weight checkpoint, train it, save the weights into ``folder``; returns training facts."""
     seed_everything(seed)
     make_untrained_checkpoint(folder, seed)
-    tokenizer, model, image_processor, _ = load(folder)
+    tokenizer, model, image_processor = load_toy_model(folder)
     model.train()
     optimizer = torch.optim.AdamW(parameter_groups(model, schedule), lr=schedule.learning_rate, betas=(0.9, 0.98))
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
@@ -180,7 +173,7 @@ def save_weights(model, folder: Path) -> None:
 
 def evaluate(folder: Path, per_family: int) -> dict[str, float]:
     """Held-out accuracy per family of the checkpoint as saved (loaded again with ``load_pretrained_model``)."""
-    tokenizer, model, image_processor, _ = load(folder)
+    tokenizer, model, image_processor = load_toy_model(folder)
     samples = make_dataset(HELD_OUT_SEED, per_family)
     answers = answer_samples(model, tokenizer, image_processor, samples)
     return accuracy_by_family([s.family for s in samples], [s.answer for s in samples], answers)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llava.toy import TOY_CHECKPOINT, TOY_EVAL_FILE
+from llava.toy import TOY_CHECKPOINT, TOY_EVAL_FILE, load_toy_model
 from llava.toy.lmms_task import TASK_NAME, make_toy_task, read_task_rows
 from llava.toy.qa import accuracy_by_family, answer_samples
 from llava.toy.videoqa import FAMILIES, SAMPLED_FRAMES, make_dataset
@@ -26,16 +26,9 @@ CHANCE = {"colour": 1 / 6, "direction": 1 / 5, "count": 1 / 3, "flash": 1 / 6, "
 LEARNED = ("colour", "count", "flash", "order")
 
 
-def load(folder):
-    from llava.model.builder import load_pretrained_model
-
-    return load_pretrained_model(str(folder), None, "llava_qwen", device_map="cpu", torch_dtype="float32",
-                                 attn_implementation="sdpa")
-
-
 @pytest.fixture(scope="module")
 def toy():
-    tokenizer, model, image_processor, _ = load(TOY_CHECKPOINT)
+    tokenizer, model, image_processor = load_toy_model()
     return tokenizer, model, image_processor
 
 
@@ -65,7 +58,7 @@ def test_training_script_tiny_schedule_is_reproducible_and_loadable(tmp_path):
     initial = load_file(tmp_path / "init" / "model.safetensors")
     assert initial.keys() == weights_a.keys()
     assert any(not torch.equal(initial[name], weights_a[name]) for name in initial)
-    tokenizer, model, _, _ = load(tmp_path / "a")
+    tokenizer, model, _ = load_toy_model(tmp_path / "a")
     assert model.config.num_hidden_layers == TOY_SPEC.num_hidden_layers
 
 

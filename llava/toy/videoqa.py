@@ -256,20 +256,22 @@ def _directions(rng: np.random.Generator, count: int) -> list[str]:
     return [str(d) for d in rng.choice(DIRECTIONS, count)]
 
 
-def _plan_named(rng, clip_frames, sampled_frames) -> list[_Plan]:
-    """colour, direction: 1-3 shapes of distinct kinds, visible throughout."""
+def _plan_throughout(rng, clip_frames: int, distinct_kinds: bool) -> list[_Plan]:
+    """1-3 shapes visible throughout, in distinct colours (and, if asked, of distinct kinds)."""
     count = int(rng.integers(1, 4))
-    kinds = [str(k) for k in rng.choice(SHAPES, count, replace=False)]
+    kinds = [str(k) for k in rng.choice(SHAPES, count, replace=not distinct_kinds)]
     return [_Plan(k, c, d, 0, clip_frames - 1, "throughout")
             for k, c, d in zip(kinds, _colours(rng, count), _directions(rng, count))]
+
+
+def _plan_named(rng, clip_frames, sampled_frames) -> list[_Plan]:
+    """colour, direction: 1-3 shapes of distinct kinds (the question names one), visible throughout."""
+    return _plan_throughout(rng, clip_frames, distinct_kinds=True)
 
 
 def _plan_count(rng, clip_frames, sampled_frames) -> list[_Plan]:
     """count: 1-3 shapes (kinds may repeat), visible throughout, no brief events."""
-    count = int(rng.integers(1, 4))
-    kinds = [str(k) for k in rng.choice(SHAPES, count)]
-    return [_Plan(k, c, d, 0, clip_frames - 1, "throughout")
-            for k, c, d in zip(kinds, _colours(rng, count), _directions(rng, count))]
+    return _plan_throughout(rng, clip_frames, distinct_kinds=False)
 
 
 def _plan_flash(rng, clip_frames, sampled_frames) -> list[_Plan]:
