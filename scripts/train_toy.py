@@ -4,8 +4,10 @@ The model is this package's own LLaVA-Qwen2 in the lmms-lab on-disk format (``ll
 tower, the mlp2x_gelu projector, 16 tokens per frame, a 4-layer Qwen2 LM, the task's words kept whole by the
 tokenizer), written first with random weights by the checkpoint maker and loaded with ``load_pretrained_model``,
 exactly as it is loaded later. Each training clip is drawn on the fly (8 frames sampled as lmms-eval samples them);
-the prompt is the ``qwen_1_5`` conversation, and the loss is on the answer tokens (and the end-of-turn token) only.
-AdamW (the vision side at a 4x higher rate), linear warm-up then cosine decay, a fixed number of steps: the same
+the prompt is the ``qwen_1_5`` conversation, and the answers' loss is on the answer tokens (and the end-of-turn token)
+only. Two dense auxiliary losses help the model learn from scratch within the CPU budget (``llava.toy.supervision``;
+their linear heads are dropped at the end): the kind and colour of the shape in every patch the tower sees, and the
+direction of its motion from the LM's ``motion_layer`` output at every video token. AdamW (the vision side at a 4x higher rate), linear warm-up then cosine decay, a fixed number of steps: the same
 seed gives the same weights (on the same torch build and thread count).
 
 At the end the weights are saved under their original names, the checkpoint is loaded again with
@@ -14,6 +16,7 @@ greedy); the accuracy per family is printed and written to ``toy_eval.json`` in 
 
     python scripts/train_toy.py                       # the full schedule, into llava/toy/checkpoint (about 25 min)
     python scripts/train_toy.py --schedule tiny --out /tmp/toy   # a few dozen steps, for tests (seconds)
+    python scripts/train_toy.py --auxiliary-weight 0 --out /tmp/toy  # answers only (the previous checkpoint's)
 """
 
 from __future__ import annotations
@@ -35,7 +38,9 @@ from llava.checkpoint_maker import WEIGHT_FILE_PATTERNS, save_sharded
 from llava.toy import TOY_CHECKPOINT, TOY_EVAL_FILE, load_toy_model
 from llava.toy.qa import accuracy_by_family, answer_samples, training_example, video_pixels
 from llava.toy.model import make_untrained_checkpoint
-from llava.toy.videoqa import FAMILIES, HELD_OUT_SEED, SAMPLED_FRAMES, make_dataset, sample_stream
+from llava.toy.supervision import UNKNOWN, cell_targets
+from llava.toy.drawing import COLOURS, SHAPES
+from llava.toy.videoqa import DIRECTIONS, FAMILIES, HELD_OUT_SEED, SAMPLED_FRAMES, make_dataset, sample_stream
 
 
 
@@ -55,6 +60,8 @@ class Schedule:
     vision_lr_factor: float = 4.0  # the tower and the projector learn this many times faster than the LM
     weight_decay: float = 0.01
     clip_norm: float = 1.0
+    auxiliary_weight: float = 1.0  # weight of each dense auxiliary loss (``llava.toy.supervision``); 0: answers only
+    motion_layer: int = 2  # the LM layer whose output predicts each video token's motion
 
 
 SCHEDULES = {
@@ -87,6 +94,41 @@ def parameter_groups(model, schedule: Schedule) -> list[dict]:
             for (vision, decays), params in sorted(groups.items())]
 
 
+class AuxiliaryHeads(torch.nn.Module):
+    """Linear read-outs used only in training (not saved): the kind and colour of the shape in a patch (from the
+    projector's output), and, from the LM's ``motion_layer`` output at a video token, its shape's direction
+    (``llava.toy.supervision``)."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.kind = torch.nn.Linear(hidden_size, 1 + len(SHAPES))
+        self.colour = torch.nn.Linear(hidden_size, 1 + len(COLOURS))
+        self.motion = torch.nn.Linear(hidden_size, 1 + len(DIRECTIONS))
+
+
+DENSE_TARGETS = ("kind", "colour", "motion")
+
+
+def dense_losses(heads: AuxiliaryHeads, samples, projected: torch.Tensor, pooled: torch.Tensor,
+                 video_hidden: torch.Tensor) -> torch.Tensor:
+    """The cross-entropy of each dense target (``DENSE_TARGETS``), (3,). Kind and colour are asked of every patch
+    of the projector's output ``projected`` (frames of all samples, patches, D), which the pooled tokens average
+    (per patch, the tower learns shape kinds several times faster than per pooled token: measured); motion of
+    ``video_hidden`` (frames * pooled cells, D), the LM's hidden states at the video tokens, in the same order as
+    ``pooled`` (frames, pooled cells, D)."""
+    cross_entropy = torch.nn.functional.cross_entropy
+
+    def targets(grid: int, *names: str) -> list[torch.Tensor]:
+        per_sample = [cell_targets(sample, grid) for sample in samples]
+        return [torch.from_numpy(np.concatenate([getattr(t, name) for t in per_sample]).reshape(-1)) for name in names]
+
+    patches = projected.reshape(-1, projected.shape[-1])
+    kind, colour = targets(math.isqrt(projected.shape[1]), "kind", "colour")
+    (motion,) = targets(math.isqrt(pooled.shape[1]), "motion")
+    return torch.stack((cross_entropy(heads.kind(patches), kind), cross_entropy(heads.colour(patches), colour),
+                        cross_entropy(heads.motion(video_hidden), motion, ignore_index=UNKNOWN)))
+
+
 def collate(tokenizer, image_processor, samples) -> dict:
     """A right-padded batch for the model's forward: ids, attention mask, labels (answers only), videos."""
     examples = [training_example(tokenizer, sample.question, sample.answer) for sample in samples]
@@ -115,25 +157,41 @@ def train(folder: Path, schedule: Schedule, seed: int, log_every: int, eval_ever
     make_untrained_checkpoint(folder, seed)
     tokenizer, model, image_processor = load_toy_model(folder)
     model.train()
-    optimizer = torch.optim.AdamW(parameter_groups(model, schedule), lr=schedule.learning_rate, betas=(0.9, 0.98))
+    heads = AuxiliaryHeads(model.config.hidden_size)
+    groups = parameter_groups(model, schedule)
+    if schedule.auxiliary_weight:
+        # At the vision side's rate: the kind head and the tower must find the shapes together.
+        groups.append({"params": list(heads.parameters()), "weight_decay": 0.0,
+                       "lr": schedule.learning_rate * schedule.vision_lr_factor})
+    optimizer = torch.optim.AdamW(groups, lr=schedule.learning_rate, betas=(0.9, 0.98))
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    projected = []  # the projector's output of the current batch (the auxiliary kind and colour losses read it)
+
+    def keep_projected(module, args, output):
+        projected[:] = [output]
+
+    model.get_model().mm_projector.register_forward_hook(keep_projected)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate_factor(step, schedule))
     stream = sample_stream(seed, frame_counts=TRAINING_FRAME_COUNTS)
     started = time.perf_counter()
     running = None
     for step in range(schedule.steps):
-        batch = collate(tokenizer, image_processor, [next(stream) for _ in range(schedule.batch_size)])
-        loss = model(**batch).loss
+        samples = [next(stream) for _ in range(schedule.batch_size)]
+        answers_loss, dense = training_losses(model, heads, schedule, samples,
+                                              collate(tokenizer, image_processor, samples), projected)
+        loss = answers_loss + schedule.auxiliary_weight * dense.sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, schedule.clip_norm)
         optimizer.step()
         scheduler.step()
-        running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
+        current = np.array([answers_loss.item(), *dense.tolist()])
+        running = current if running is None else 0.95 * running + 0.05 * current
         if (step + 1) % log_every == 0 or step + 1 == schedule.steps:
             elapsed = time.perf_counter() - started
-            print(f"step {step + 1}/{schedule.steps}  loss {running:.4f}  lr {scheduler.get_last_lr()[0]:.2e}  "
-                  f"{elapsed:.0f} s", flush=True)
+            dense_text = "  ".join(f"{name} {value:.3f}" for name, value in zip(DENSE_TARGETS, running[1:]))
+            print(f"step {step + 1}/{schedule.steps}  loss {running[0]:.4f}  dense: {dense_text}  "
+                  f"lr {scheduler.get_last_lr()[0]:.2e}  {elapsed:.0f} s", flush=True)
         if eval_every and (step + 1) % eval_every == 0 and step + 1 < schedule.steps:
             probe_started = time.perf_counter()
             print("  held-out (20 per family):", format_accuracy(probe(model, tokenizer, image_processor, 20)),
@@ -141,8 +199,22 @@ def train(folder: Path, schedule: Schedule, seed: int, log_every: int, eval_ever
             started += time.perf_counter() - probe_started  # progress checks are not training time
     seconds = time.perf_counter() - started
     save_weights(model, folder)
-    return {"training_seconds": round(seconds, 1), "final_loss": round(running, 4),
+    return {"training_seconds": round(seconds, 1), "final_loss": round(float(running[0]), 4),
+            **{f"final_{name}_loss": round(float(value), 4) for name, value in zip(DENSE_TARGETS, running[1:])},
             "parameters": sum(p.numel() for p in model.parameters())}
+
+
+def training_losses(model, heads, schedule: Schedule, samples, batch: dict, projected: list):
+    """(the answers' cross-entropy, the dense losses (3,); zeros when ``auxiliary_weight`` is 0). The prompt is
+    spliced as the model's own forward splices it, then run through the LM with its hidden states."""
+    if not schedule.auxiliary_weight:
+        return model(**batch).loss, torch.zeros(len(DENSE_TARGETS))
+    mm = model.build_multimodal_inputs(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["images"],
+                                       batch["modalities"])
+    output = model(inputs_embeds=mm.inputs_embeds, attention_mask=mm.attention_mask.long(), labels=mm.labels,
+                   output_hidden_states=True)
+    video_hidden = output.hidden_states[schedule.motion_layer][mm.video_token_mask]
+    return output.loss, dense_losses(heads, samples, projected[0], model.get_2dPool(projected[0]), video_hidden)
 
 
 def probe(model, tokenizer, image_processor, per_family: int) -> dict[str, float]:
@@ -189,7 +261,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, help="optimizer steps (default: the schedule's)")
     parser.add_argument("--eval-per-family", type=int, help="held-out clips per family (default: the schedule's)")
     parser.add_argument("--learning-rate", type=float, help="peak learning rate (default: the schedule's)")
-    parser.add_argument("--vision-lr-factor", type=float, help="vision-side learning-rate factor (default: the schedule's)")
+    parser.add_argument("--vision-lr-factor", type=float,
+                        help="vision-side learning-rate factor (default: the schedule's)")
+    parser.add_argument("--auxiliary-weight", type=float,
+                        help="weight of the dense auxiliary losses, 0 for answers only (default: the schedule's)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default: %(default)s)")
     parser.add_argument("--log-every", type=int, default=50, help="print the loss every N steps (default: 50)")
     parser.add_argument("--eval-every", type=int, default=0,
@@ -206,6 +281,8 @@ def main(argv=None) -> int:
         schedule = replace(schedule, learning_rate=args.learning_rate)
     if args.vision_lr_factor is not None:
         schedule = replace(schedule, vision_lr_factor=args.vision_lr_factor)
+    if args.auxiliary_weight is not None:
+        schedule = replace(schedule, auxiliary_weight=args.auxiliary_weight)
     if args.eval_per_family is not None:
         schedule = replace(schedule, eval_per_family=args.eval_per_family)
     torch.set_num_threads(args.threads)
