@@ -5,16 +5,17 @@ tower, the mlp2x_gelu projector, 16 tokens per frame, a 4-layer Qwen2 LM, the ta
 tokenizer), written first with random weights by the checkpoint maker and loaded with ``load_pretrained_model``,
 exactly as it is loaded later. Each training clip is drawn on the fly (8 frames sampled as lmms-eval samples them);
 the prompt is the ``qwen_1_5`` conversation, and the answers' loss is on the answer tokens (and the end-of-turn token)
-only. Two dense auxiliary losses help the model learn from scratch within the CPU budget (``llava.toy.supervision``;
-their linear heads are dropped at the end): the kind and colour of the shape in every patch the tower sees, and the
-direction of its motion from the LM's ``motion_layer`` output at every video token. AdamW (the vision side at a 4x higher rate), linear warm-up then cosine decay, a fixed number of steps: the same
-seed gives the same weights (on the same torch build and thread count).
+only. Three dense auxiliary losses help the model learn from scratch within the CPU budget
+(``llava.toy.supervision``; their linear heads are dropped at the end): the kind and the colour of the shape in every
+patch the tower sees, and the direction of its motion from the LM's ``motion_layer`` output at every video token.
+AdamW (the vision side and the heads at a 4x higher rate), linear warm-up then cosine decay, a fixed number of
+steps: the same seed gives the same weights (on the same torch build and thread count).
 
 At the end the weights are saved under their original names, the checkpoint is loaded again with
 ``load_pretrained_model`` and answers a held-out set (another seed, ``--eval-per-family`` clips of each family,
 greedy); the accuracy per family is printed and written to ``toy_eval.json`` in the checkpoint folder.
 
-    python scripts/train_toy.py                       # the full schedule, into llava/toy/checkpoint (about 25 min)
+    python scripts/train_toy.py                       # the full schedule, into llava/toy/checkpoint (about 27 min)
     python scripts/train_toy.py --schedule tiny --out /tmp/toy   # a few dozen steps, for tests (seconds)
     python scripts/train_toy.py --auxiliary-weight 0 --out /tmp/toy  # answers only (the previous checkpoint's)
 """
@@ -36,13 +37,11 @@ import torch
 
 from llava.checkpoint_maker import WEIGHT_FILE_PATTERNS, save_sharded
 from llava.toy import TOY_CHECKPOINT, TOY_EVAL_FILE, load_toy_model
-from llava.toy.qa import accuracy_by_family, answer_samples, training_example, video_pixels
-from llava.toy.model import make_untrained_checkpoint
-from llava.toy.supervision import UNKNOWN, cell_targets
 from llava.toy.drawing import COLOURS, SHAPES
+from llava.toy.model import make_untrained_checkpoint
+from llava.toy.qa import accuracy_by_family, answer_samples, training_example, video_pixels
+from llava.toy.supervision import UNKNOWN, cell_targets
 from llava.toy.videoqa import DIRECTIONS, FAMILIES, HELD_OUT_SEED, SAMPLED_FRAMES, make_dataset, sample_stream
-
-
 
 # Frames per training clip, drawn per clip (8, the evaluation's count, twice as often): as LLaVA models are trained
 # on varied frame counts. With a single count the model ties the question to fixed positions and breaks when
@@ -159,18 +158,15 @@ def train(folder: Path, schedule: Schedule, seed: int, log_every: int, eval_ever
     model.train()
     heads = AuxiliaryHeads(model.config.hidden_size)
     groups = parameter_groups(model, schedule)
+    projected = []  # the projector's output of the current batch (the auxiliary kind and colour losses read it)
     if schedule.auxiliary_weight:
         # At the vision side's rate: the kind head and the tower must find the shapes together.
         groups.append({"params": list(heads.parameters()), "weight_decay": 0.0,
                        "lr": schedule.learning_rate * schedule.vision_lr_factor})
+        model.get_model().mm_projector.register_forward_hook(
+            lambda module, args, output: projected.__setitem__(slice(None), [output]))
     optimizer = torch.optim.AdamW(groups, lr=schedule.learning_rate, betas=(0.9, 0.98))
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
-    projected = []  # the projector's output of the current batch (the auxiliary kind and colour losses read it)
-
-    def keep_projected(module, args, output):
-        projected[:] = [output]
-
-    model.get_model().mm_projector.register_forward_hook(keep_projected)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate_factor(step, schedule))
     stream = sample_stream(seed, frame_counts=TRAINING_FRAME_COUNTS)
     started = time.perf_counter()

@@ -36,6 +36,9 @@ class CellTargets:
     motion: np.ndarray  # BACKGROUND or 1 + DIRECTIONS.index; UNKNOWN where the shape is seen for the first time
 
 
+_mask = lru_cache(maxsize=None)(lambda kind, side: shape_mask(kind, side).astype(float))  # shared: read only
+
+
 def shape_shares(sample: Sample, frame: int, grid: int) -> np.ndarray:
     """(shapes, grid, grid): the share of each shape's pixels that falls in each cell of clip frame ``frame``
     (zero where the shape is not visible)."""
@@ -51,9 +54,6 @@ def shape_shares(sample: Sample, frame: int, grid: int) -> np.ndarray:
             cols = np.eye(grid)[(x + np.arange(shape.side)) // cell]
             shares[index] = rows.T @ mask @ cols / mask.sum()
     return shares
-
-
-_mask = lru_cache(maxsize=None)(lambda kind, side: shape_mask(kind, side).astype(float))  # read only
 
 
 def cell_targets(sample: Sample, grid: int, num_frames: int | None = None) -> CellTargets:
