@@ -1,21 +1,26 @@
-"""Why the toy model misses two question families: its held-out answers by shape count, and linear probes on the
-video tokens its language model receives (after the projector and pooling).
+"""What the toy model's colour and direction answers rest on: its held-out answers by shape count, where its LM
+looks when it answers, and linear probes on the video tokens its LM receives (after the projector and pooling).
 
     python scripts/toy_probe.py                # 100 held-out clips per family; probes on 600 one-shape clips
 
-The shipped toy model misses the colour and direction families (README, "The toy model"). The first table splits
-its held-out accuracy on them by the number of shapes in the clip (one shape: nothing to bind the question's shape
-to). The probes ask whether the information is in the tokens the LM reads, and the LM does not use it, or is not
-there. Each is a linear classifier fitted on standardised features of one-shape clips (480 fit, 120 test):
+Both families ask about one shape among up to three ("What colour is the {shape}?"), so the model must find the
+tokens of the named kind (with one shape there is nothing to bind). The first table splits the held-out accuracy by
+the number of shapes in the clip. The second gives, for each attention head of the LM, the share of its attention
+at the position that predicts the answer that rests on the video tokens showing the named shape
+(``llava.toy.supervision.subject_cells``), against the share of the video tokens they are: training binds one head
+(``scripts/train_toy.py``, ``binding_layer``/``binding_head``). The probes ask whether the information is in the
+tokens the LM reads. Each is a linear classifier fitted on standardised features of one-shape clips (480 fit,
+120 test):
 
 - ``kind``: the shape's kind (square, circle, triangle) from every token of the first frame;
-- ``colour``: its colour from the same tokens (a control: the model does answer colour questions);
+- ``colour``: its colour from the same tokens (a control: a one-shape colour question is answered from them);
 - ``direction``: its direction (left, right, up, down, none) from every token of the first and the last frame.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 import numpy as np
@@ -23,7 +28,8 @@ import torch
 
 from llava.toy import TOY_CHECKPOINT, load_toy_model
 from llava.toy.drawing import COLOURS, SHAPES
-from llava.toy.qa import answer_samples, video_pixels
+from llava.toy.qa import answer_samples, prompt_ids, video_pixels
+from llava.toy.supervision import subject_cells
 from llava.toy.videoqa import DIRECTIONS, HELD_OUT_SEED, make_dataset, make_sample
 
 PROBE_SEED = 2_000_003  # sample keys (PROBE_SEED, i, 0): neither the training stream's nor the held-out set's
@@ -39,6 +45,32 @@ def accuracy_by_shape_count(model, tokenizer, image_processor, per_family: int) 
         right_asked[0] += answer == sample.answer
         right_asked[1] += 1
     return dict(sorted(counts.items()))
+
+
+@torch.no_grad()
+def attention_on_subject(model, tokenizer, image_processor, per_family: int) -> tuple[np.ndarray, float]:
+    """((layers, heads): the mean share of each head's attention, at the position predicting the answer, on the video
+    tokens showing the shape the question names; the mean share of the video tokens they are), over the colour and
+    direction clips of the held-out set. The LM runs with eager attention here (to return the weights)."""
+    samples = make_dataset(HELD_OUT_SEED, per_family, families=("colour", "direction"))
+    implementation = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        on_subject, subject_share = [], []
+        for sample in samples:
+            ids = torch.tensor([prompt_ids(tokenizer, sample.question)])
+            mm = model.build_multimodal_inputs(ids, torch.ones_like(ids), None, [video_pixels(image_processor, sample)],
+                                               ["video"])
+            output = model(inputs_embeds=mm.inputs_embeds, attention_mask=mm.attention_mask.long(),
+                           output_attentions=True)
+            video_positions = mm.video_token_mask[0].nonzero().flatten()
+            grid = math.isqrt(len(video_positions) // len(sample.sampled_indices()))
+            shown = video_positions[torch.from_numpy(subject_cells(sample, grid).reshape(-1))]
+            on_subject.append([layer[0, :, -1, shown].sum(-1).numpy() for layer in output.attentions])
+            subject_share.append(len(shown) / len(video_positions))
+    finally:
+        model.set_attn_implementation(implementation)
+    return np.mean(on_subject, axis=0), float(np.mean(subject_share))
 
 
 @torch.no_grad()
@@ -108,6 +140,12 @@ def main(argv=None) -> int:
     for (family, shapes), (right, asked) in accuracy_by_shape_count(model, tokenizer, image_processor,
                                                                     args.per_family).items():
         print(f"| {family} | {shapes} | {right}/{asked} | {right / asked:.0%} |")
+    on_subject, subject_share = attention_on_subject(model, tokenizer, image_processor, args.per_family)
+    heads = on_subject.shape[1]
+    print(f"\nAttention at the answer on the named shape's tokens ({subject_share:.0%} of the video tokens):\n")
+    print("| layer | " + " | ".join(f"head {h}" for h in range(heads)) + " |\n|---|" + "---:|" * heads)
+    for layer, shares in enumerate(on_subject):
+        print(f"| {layer} | " + " | ".join(f"{share:.0%}" for share in shares) + " |")
     print("\n| probe | from | test accuracy | chance |\n|---|---|---:|---:|")
     for name, (accuracy, chance) in run_probes(model, image_processor, args.clips).items():
         print(f"| {name} | {SOURCES[name]} | {accuracy:.0%} | {chance:.0%} |")

@@ -5,32 +5,24 @@ ones, and the printed targets follow from the numbers in the JSON."""
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
 import math
 import re
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.conftest import load_script
+
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
 METHODS = ["baseline", "dycoke", "dycoke-ttm", "vidcom2", "fastv"]
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("benchmark_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the script is executed
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def script():
-    return load_script()
+    return load_script("benchmark")
 
 
 @pytest.fixture(scope="module")

@@ -16,14 +16,14 @@ from llava.toy import TOY_CHECKPOINT, TOY_EVAL_FILE, load_toy_model
 from llava.toy.lmms_task import TASK_NAME, make_toy_task, read_task_rows
 from llava.toy.qa import accuracy_by_family, answer_samples
 from llava.toy.videoqa import FAMILIES, SAMPLED_FRAMES, make_dataset
+from tests.conftest import load_script
 from tests.test_lmms_eval import env, lmms_eval_cli, one_file, run  # noqa: F401  (env is a fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 # Uniform guessing among each family's answer forms: 6 colours, 5 directions, 3 counts, 6 * 5 * 4 ordered lists.
 CHANCE = {"colour": 1 / 6, "direction": 1 / 5, "count": 1 / 3, "flash": 1 / 6, "order": 1 / 120}
-# The shipped checkpoint answers every family above chance (colour 60%: right with one shape, a pick among the
-# shapes present with more; the README's toy-model section says why).
-LEARNED = FAMILIES
+# Issue 13's held-out targets for the shipped checkpoint: >= 90% on every family but the ordered list (>= 70%).
+TARGETS = {"colour": 0.9, "direction": 0.9, "count": 0.9, "flash": 0.9, "order": 0.7}
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +42,9 @@ def train_tiny(out: Path) -> subprocess.CompletedProcess:
 
 def test_training_script_tiny_schedule_is_reproducible_and_loadable(tmp_path):
     first, second = train_tiny(tmp_path / "a"), train_tiny(tmp_path / "b")
-    assert first.returncode == 0, first.stderr[-3000:]
+    assert first.returncode == 0 and second.returncode == 0, first.stderr[-3000:] + second.stderr[-3000:]
     assert "Held-out accuracy" in first.stdout and "loss" in first.stdout
+    assert all(f"{target} " in first.stdout for target in ("kind", "colour", "motion", "binding"))  # auxiliary losses
     from safetensors.torch import load_file
 
     weights_a, weights_b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
@@ -72,19 +73,34 @@ def test_shipped_checkpoint_is_small_and_its_report_is_complete():
     assert set(report["accuracy"]) == set(FAMILIES)
     assert report["eval"]["per_family"] >= 100
     assert report["training"]["training_seconds"] <= 30 * 60 and report["training"]["threads"] <= 2
+    assert report["training"]["schedule"] == "full" and report["training"]["seed"] == 0
+
+
+def test_shipped_checkpoint_meets_the_accuracy_targets_on_the_held_out_set(toy):
+    """The report's accuracy (100 held-out clips per family) meets the targets, and is what the shipped weights
+    answer: recomputed here on the first 10 clips of each family of the same held-out set."""
+    report = json.loads((TOY_CHECKPOINT / TOY_EVAL_FILE).read_text())
+    for family, target in TARGETS.items():
+        assert report["accuracy"][family] >= target, (family, report["accuracy"])
+    tokenizer, model, image_processor = toy
+    samples = make_dataset(report["eval"]["seed"], 10)
+    answers = answer_samples(model, tokenizer, image_processor, samples)
+    matched = accuracy_by_family([s.family for s in samples], [s.answer for s in samples], answers)
+    for family, target in TARGETS.items():
+        assert matched[family] >= target - 0.1, (family, matched)
 
 
 def test_shipped_checkpoint_answers_from_the_video(toy):
-    """Held-out clips the training report did not use (another seed): every learned family is answered well above
-    chance (uniform guessing among the answer forms), and far better with the clip asked about than with another
+    """Held-out clips the training report did not use (another seed): every family is answered well above chance
+    (uniform guessing among the answer forms), and far better with the clip asked about than with another
     clip of the same family (each video moved to the next question): the answers come from the video."""
     tokenizer, model, image_processor = toy
     per_family = 12
     samples = make_dataset(424242, per_family)
     families, expected = [s.family for s in samples], [s.answer for s in samples]
     matched = accuracy_by_family(families, expected, answer_samples(model, tokenizer, image_processor, samples))
-    for family in LEARNED:
-        assert matched[family] >= 1.5 * CHANCE[family], (family, matched)
+    for family in FAMILIES:
+        assert matched[family] >= max(1.5 * CHANCE[family], TARGETS[family] - 0.2), (family, matched)
 
     from llava.toy.qa import answer_batch, video_pixels
 
@@ -95,8 +111,8 @@ def test_shipped_checkpoint_answers_from_the_video(toy):
         answers += answer_batch(model, tokenizer, [s.question for s in samples[start : start + 16]],
                                 moved[start : start + 16])[0]
     mismatched = accuracy_by_family(families, expected, answers)
-    gain = sum(matched[family] - mismatched[family] for family in LEARNED)
-    assert gain >= 0.15 * len(LEARNED), (matched, mismatched)
+    gain = sum(matched[family] - mismatched[family] for family in FAMILIES)
+    assert gain >= 0.15 * len(FAMILIES), (matched, mismatched)
 
 
 # ---- accuracy.py and the lmms-eval task ------------------------------------------------------------------------
@@ -140,14 +156,10 @@ def test_accuracy_script_and_stock_lmms_eval_give_the_same_answers(toy_task, env
 
 
 def test_probe_script_control_probe_is_near_perfect(toy):
-    """scripts/toy_probe.py (the README's diagnosis of the unlearned families): its control probe, the shape's
-    colour from the first frame's tokens (which the model does answer), is near perfect on held-out clips, so
-    features and labels line up and the probe can find what the tokens hold."""
-    sys.path.insert(0, str(REPO / "scripts"))
-    try:
-        import toy_probe
-    finally:
-        sys.path.remove(str(REPO / "scripts"))
+    """scripts/toy_probe.py (the README's account of the colour and direction answers): its control probe, the
+    shape's colour from the first frame's tokens, is near perfect on held-out clips, so features and labels line up
+    and the probe can find what the tokens hold."""
+    toy_probe = load_script("toy_probe")
     tokenizer, model, image_processor = toy
     results = toy_probe.run_probes(model, image_processor, clips=400)
     assert list(results) == ["kind", "colour", "direction"]
@@ -155,3 +167,18 @@ def test_probe_script_control_probe_is_near_perfect(toy):
     assert accuracy >= 0.9 > chance
     counts = toy_probe.accuracy_by_shape_count(model, tokenizer, image_processor, per_family=6)
     assert sum(asked for _, asked in counts.values()) == 12 and {family for family, _ in counts} == {"colour", "direction"}
+
+
+def test_the_trained_binding_head_rests_on_the_named_shape(toy):
+    """The head that training binds (train_toy's ``binding_layer``/``binding_head``) puts most of its attention at
+    the answer on the tokens of the shape the question names, several times their share of the video tokens and
+    more than any other head; the model is left with its own attention implementation."""
+    schedule = load_script("train_toy").SCHEDULES["full"]
+    tokenizer, model, image_processor = toy
+    on_subject, subject_share = load_script("toy_probe").attention_on_subject(model, tokenizer, image_processor, 8)
+    assert on_subject.shape == (model.config.num_hidden_layers, model.config.num_attention_heads)
+    assert model.config._attn_implementation == "sdpa"
+    bound = on_subject[schedule.binding_layer, schedule.binding_head]
+    assert bound >= 0.5 and bound >= 3 * subject_share, (on_subject, subject_share)
+    assert bound == on_subject.max()
+    assert 0.0 < subject_share < 0.5

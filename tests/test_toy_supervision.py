@@ -1,13 +1,15 @@
 """The toy model's dense training targets (llava.toy.supervision), read back from the pixels: what each cell of
 each sampled frame shows, and the order in which the training script pairs them with the model's video tokens."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
 
 from llava.constants import IMAGE_TOKEN_INDEX
 from llava.toy.drawing import COLOURS, SHAPES
-from llava.toy.supervision import BACKGROUND, MIN_SHAPE_SHARE, UNKNOWN, cell_targets
+from llava.toy.supervision import BACKGROUND, MIN_SHAPE_SHARE, UNKNOWN, cell_targets, subject_cells
 from llava.toy.videoqa import DIRECTIONS, FAMILIES, make_sample
 from tests.conftest import random_video
 from tests.test_toy_videoqa import colour_pixels, colours_in, direction_from_pixels
@@ -93,3 +95,27 @@ def test_video_tokens_come_in_the_order_of_the_pooled_frames(loaded_tiny):
         hook.remove()
     pooled = model.get_2dPool(projected[0])
     assert torch.equal(mm.inputs_embeds[mm.video_token_mask], pooled.reshape(-1, pooled.shape[-1]))
+
+
+def named_colour_from_pixels(sample) -> str:
+    """The colour of the shape the question names ("... the {shape} ..."), found in the first frame's pixels: the
+    colour whose shape has that kind (colour and direction clips hold distinct kinds, all visible throughout)."""
+    kind = re.search(r"the (\w+)", sample.question).group(1)
+    frame = sample.frames[0]
+    (colour,) = [c for c in colours_in(frame) if kind_from_pixels(colour_pixels(frame, c)) == kind]
+    return colour
+
+
+@pytest.mark.parametrize("family", ["colour", "direction"])
+def test_subject_cells_are_the_cells_showing_the_shape_the_question_names(family):
+    for seed in range(12):
+        sample = make_sample(family, (33, seed))
+        colour = 1 + list(COLOURS).index(named_colour_from_pixels(sample))
+        expected = targets_from_pixels(sample, GRID)["colour"] == colour
+        assert np.array_equal(subject_cells(sample, GRID), expected), sample.facts()
+        assert expected[0].any()
+
+
+def test_subject_cells_of_a_question_naming_no_shape_is_an_error():
+    with pytest.raises(ValueError, match="a 'count' question names no shape"):
+        subject_cells(make_sample("count", 1), GRID)

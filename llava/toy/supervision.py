@@ -5,7 +5,9 @@ the tower must discover shape kinds, the LM how to read motion, from that word o
 dense auxiliary losses (the heads are dropped after training; the checkpoint keeps the stock format): at every patch
 of the projector's output, the kind and colour of the shape it shows; at every video token (a pooled cell), in the
 LM's hidden state, the direction in which that shape moves (causal attention lets the token see the earlier frames;
-a shape seen for the first time has no target).
+a shape seen for the first time has no target); and, for the questions that name a shape (colour, direction),
+which video tokens show that shape: the LM's attention at the answer is asked to rest on them (binding the question's
+shape word to the tokens of that kind).
 
 The frame is cut into a ``grid`` x ``grid`` partition (the patches, 8x8, or the pooled tokens, 4x4, of the toy
 model). A cell shows the shape that has the largest share of its own area in the cell, if that share is at least
@@ -74,3 +76,13 @@ def cell_targets(sample: Sample, grid: int, num_frames: int | None = None) -> Ce
         seen_before.update(i for i, shape in enumerate(sample.shapes) if shape.visible(int(frame)))
     motion[0] = UNKNOWN  # nothing was seen before (a background cell could be anything moving in)
     return CellTargets(kind, colour, motion)
+
+
+def subject_cells(sample: Sample, grid: int, num_frames: int | None = None) -> np.ndarray:
+    """(frames, grid * grid) bool: the cells that show the shape the question names (``sample.subject``), by the
+    rule of :func:`cell_targets` (a clip's colours are distinct, so a cell shows the subject when it shows its
+    colour)."""
+    if sample.subject is None:
+        raise ValueError(f"a {sample.family!r} question names no shape; only colour and direction questions do.")
+    subject_colour = 1 + list(COLOURS).index(sample.shapes[sample.subject].colour)
+    return cell_targets(sample, grid, num_frames).colour == subject_colour
