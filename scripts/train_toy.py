@@ -156,6 +156,22 @@ class PlannedTokenDrop(VideoTokenCompressor):
         return TokenSelection(index=keep.nonzero().flatten(), per_frame=keep.reshape(frames, cells).sum(1))
 
 
+def spliced_inputs(model, batch: dict, plans: list[np.ndarray | None]):
+    """The model's ``build_multimodal_inputs`` of ``batch``, each video's tokens dropped as its plan says."""
+    def build():
+        return model.build_multimodal_inputs(batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                             batch["images"], batch["modalities"])
+
+    if all(plan is None for plan in plans):
+        return build()
+    dropper = PlannedTokenDrop(plans)
+    model.video_compressor = lambda: dropper  # on the instance: the compression mixin's hook, for this batch only
+    try:
+        return build()
+    finally:
+        del model.video_compressor
+
+
 def kept_tokens(mm) -> list[np.ndarray]:
     """Per video of the batch, the indices (into its frames * cells tokens) of the tokens the LM received."""
     return [np.arange(video.tokens_before) if video.selection is None else video.selection.index.cpu().numpy()
@@ -227,12 +243,11 @@ def train(folder: Path, schedule: Schedule, seed: int, log_every: int, eval_ever
     make_untrained_checkpoint(folder, seed)
     tokenizer, model, image_processor = load_toy_model(folder)
     model.train()
-    if schedule.auxiliary_weight:
-        model.set_attn_implementation("eager")  # the binding loss reads one head's attention weights
     heads = AuxiliaryHeads(model.config.hidden_size)
     groups = parameter_groups(model, schedule)
     projected = []  # the projector's output of the current batch (the auxiliary kind and colour losses read it)
     if schedule.auxiliary_weight:
+        model.set_attn_implementation("eager")  # the binding loss reads one head's attention weights
         # At the vision side's rate: the kind head and the tower must find the shapes together.
         groups.append({"params": list(heads.parameters()), "weight_decay": 0.0,
                        "lr": schedule.learning_rate * schedule.vision_lr_factor})
@@ -280,13 +295,7 @@ def training_losses(model, heads, schedule: Schedule, samples, batch: dict, proj
     0). The prompt is spliced as the model's own forward splices it (with the videos' tokens dropped as
     ``token_drop_plan`` says), then run through the LM with its hidden states and attention weights."""
     grid = pooled_grid(model)
-    dropper = PlannedTokenDrop([token_drop_plan(sample, grid, rng, schedule) for sample in samples])
-    model.video_compressor = lambda: dropper  # on the instance: the compression mixin's hook, for this batch only
-    try:
-        mm = model.build_multimodal_inputs(batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                           batch["images"], batch["modalities"])
-    finally:
-        del model.video_compressor
+    mm = spliced_inputs(model, batch, [token_drop_plan(sample, grid, rng, schedule) for sample in samples])
     auxiliary = bool(schedule.auxiliary_weight)
     output = model(inputs_embeds=mm.inputs_embeds, attention_mask=mm.attention_mask.long(), labels=mm.labels,
                    output_hidden_states=auxiliary, output_attentions=auxiliary)

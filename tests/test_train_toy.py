@@ -49,7 +49,8 @@ def test_binding_loss_is_minus_log_the_answer_positions_attention_mass_on_the_su
 
     uniform = torch.full((2, length, length), 1 / length)
     expected = -np.log(len(subject_positions) / length)
-    assert script.binding_loss([named, unnamed], uniform, mm, GRID, all_kept).item() == pytest.approx(expected, rel=1e-5)
+    loss = script.binding_loss([named, unnamed], uniform, mm, GRID, all_kept).item()
+    assert loss == pytest.approx(expected, rel=1e-5)
 
     elsewhere = torch.zeros((2, length, length))
     elsewhere[0, answer_at - 1, subject_positions] = 1.0  # the right tokens one row too early: not read
@@ -91,8 +92,8 @@ def test_token_drop_plan_keeps_frame_0_and_every_shapes_first_sight(script, fami
 
 
 def test_dropped_tokens_are_the_ones_the_targets_skip(script, loaded_tiny):
-    """Through the model's own splicing: the video tokens the LM gets are the pooled tokens the plans keep, sample
-    by sample in frame order (a None plan keeps all), and ``kept_tokens`` names them."""
+    """Through the model's own splicing (``spliced_inputs``): the video tokens the LM gets are the pooled tokens the
+    plans keep, sample by sample in frame order (a None plan keeps all), and ``kept_tokens`` names them."""
     _, model, _, _ = loaded_tiny
     size = model.get_vision_tower().image_size
     videos = [random_video(3, size, seed=1), random_video(4, size, seed=2), random_video(2, size, seed=3)]
@@ -100,16 +101,15 @@ def test_dropped_tokens_are_the_ones_the_targets_skip(script, loaded_tiny):
     rng = np.random.default_rng(1)
     plans = [rng.random(3 * cells) > 0.5, None, rng.random(2 * cells) > 0.3]
     ids = torch.tensor([[1, IMAGE_TOKEN_INDEX, 2], [1, IMAGE_TOKEN_INDEX, 2], [1, IMAGE_TOKEN_INDEX, 2]])
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": None, "images": videos,
+             "modalities": ["video"] * 3}
     projected = []
     hook = model.get_model().mm_projector.register_forward_hook(lambda module, args, output: projected.append(output))
-    dropper = script.PlannedTokenDrop(plans)
-    model.video_compressor = lambda: dropper
     try:
         with torch.no_grad():
-            mm = model.build_multimodal_inputs(ids, torch.ones_like(ids), None, videos, ["video"] * 3)
+            mm = script.spliced_inputs(model, batch, plans)
     finally:
         hook.remove()
-        del model.video_compressor
     pooled = model.get_2dPool(projected[0]).split([3, 4, 2])
     kept = script.kept_tokens(mm)
     assert [list(k) for k in kept] == [list(np.flatnonzero(plans[0])), list(range(4 * cells)),
