@@ -19,6 +19,7 @@ from llava.compression.decoding import CompressionDynamicCache, CompressionStati
 from llava.compression.dycoke_kv import DyCokeKV
 from llava.model import compression_mixin
 from llava.model.language_model.llava_qwen import LlavaQwenDecoderLayer
+from llava.transformers_compat import output_cache
 from tests.conftest import random_video
 from tests.references import (
     HostReads,
@@ -173,7 +174,7 @@ def test_nothing_of_a_generation_stays_reachable_from_the_model(case, variant):
         c.ids, images=[c.video], modalities=["video"], max_new_tokens=4, do_sample=False,
         pad_token_id=c.tokenizer.pad_token_id, return_dict_in_generate=True, **VARIANTS[variant],
     )
-    cache = output.past_key_values
+    cache = output_cache(output)
     assert isinstance(cache, (CompressionDynamicCache, CompressionStaticCache))  # the state lived in the cache
     state = weakref.ref(cache.compression)
     del output, cache

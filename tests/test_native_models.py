@@ -15,6 +15,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from llava.compression import apply_compression, compressed, remove_compression
+from llava.transformers_compat import CACHE_ARG, output_cache
 from tests import native_models as nm
 from tests.conftest import random_video
 from tests.references import (
@@ -184,7 +185,7 @@ def test_qwen_dycoke_decoding_equals_the_masked_rule(name):
                                 pad_token_id=nm.PAD, output_logits=True, return_dict_in_generate=True)
     assert torch.equal(output.sequences[:, inputs["input_ids"].shape[1]:], ref_tokens)
     torch.testing.assert_close(torch.stack(output.logits, 1), ref_logits, rtol=1e-5, atol=1e-5)
-    kv = output.past_key_values.compression.summary()  # the generation's state came back with its cache
+    kv = output_cache(output).compression.summary()  # the generation's state came back with its cache
     assert kv["recompute_steps"][0] == [step for step, hit in enumerate(rule.recomputed) if hit]
     assert kv["image_tokens"] == [len(positions)]
 
@@ -207,7 +208,7 @@ def test_a_decoding_loop_without_generate_continues_from_the_stock_positions(mod
             with torch.no_grad():
                 output = model(**inputs, use_cache=True)
                 token = output.logits[:, -1:].argmax(-1)
-                model(input_ids=token, past_key_values=output.past_key_values, use_cache=True)
+                model(input_ids=token, **{CACHE_ARG: output_cache(output)}, use_cache=True)
         finally:
             hook.remove()
         return seen[-1]
@@ -261,8 +262,9 @@ def test_invalid_uses_are_clear_errors(models):
         with pytest.raises(ValueError, match="use_cache=True"):
             model.generate(**inputs, max_new_tokens=2, use_cache=False)
     with compressed(model, compressor="vidcom2"):
-        with pytest.raises(ValueError, match="leave past_key_values out"):
-            model.generate(**inputs, max_new_tokens=2, past_key_values=DynamicCache(config=model.config))
+        for name in sorted({"past_key_values", CACHE_ARG}):  # the cache argument's old and new names
+            with pytest.raises(ValueError, match=r"leave past_key_values \(cache\) out"):
+                model.generate(**inputs, max_new_tokens=2, **{name: DynamicCache(config=model.config)})
     inputs.pop("video_grid_thw")
     with compressed(model, compressor="vidcom2"), pytest.raises(ValueError, match="no video_grid_thw"):
         model(**inputs)

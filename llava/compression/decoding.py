@@ -51,6 +51,22 @@ class LayerInputs(NamedTuple):
     position_ids: torch.Tensor | None
     position_embeddings: tuple[torch.Tensor, torch.Tensor]
 
+    @classmethod
+    def of_call(cls, args: tuple, kwargs: dict) -> LayerInputs:
+        """The inputs of a decoder-layer call ``layer(*args, **kwargs)`` (hidden states first, the rest by name)."""
+        hidden_states = args[0] if args else kwargs["hidden_states"]
+        return cls(hidden_states, kwargs.get("attention_mask"), kwargs.get("position_ids"), kwargs["position_embeddings"])
+
+    def into_call(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """``args``/``kwargs`` of a decoder-layer call with these inputs in place of the old ones."""
+        if args:
+            args = (self.hidden_states, *args[1:])
+        else:
+            kwargs["hidden_states"] = self.hidden_states
+        kwargs.update(attention_mask=self.attention_mask, position_ids=self.position_ids,
+                      position_embeddings=self.position_embeddings)
+        return args, kwargs
+
 
 @dataclass(frozen=True)
 class GenerationInputs:

@@ -47,6 +47,7 @@ from llava.compression.fastv import FastV
 from llava.compression.masks import BOOL, KeyMask
 from llava.compression.methods import CompressionSetup
 from llava.compression.settings import CompressionSettings, settings_from_kwargs
+from llava.transformers_compat import CACHE_ARG, cache_argument, pop_cache_argument
 
 __all__ = ["NativeCompression", "SUPPORTED_MODELS", "apply_compression", "compressed", "remove_compression"]
 
@@ -195,10 +196,10 @@ class NativeCompression:
         """``model.generate`` with compression applied: the call gets a cache made for it (dynamic, or static with
         ``cache_implementation="static"``), which the prefill fills with the generation's state; afterwards
         ``last_stats`` says what compression did."""
-        if kwargs.get("past_key_values") is not None:
+        if cache_argument(kwargs) is not None:
             raise ValueError(
                 "With video-token compression each generate call makes its own cache (it holds the call's state): "
-                "leave past_key_values out (cache_implementation='static' or 'dynamic' chooses its kind)."
+                "leave past_key_values (cache) out (cache_implementation='static' or 'dynamic' chooses its kind)."
             )
         if kwargs.get("use_cache") is False:
             if self.decoder is not None:
@@ -212,7 +213,7 @@ class NativeCompression:
         cache = make_generation_cache(self.model.config, None, implementation, prompt + budget)
         cache.decoded_budget = budget
         self.last_stats = {}
-        output = stock_generate(*args, past_key_values=cache, **kwargs)
+        output = stock_generate(*args, **{CACHE_ARG: cache}, **kwargs)
         state = cache.compression
         if state is not None:
             self.last_stats["kv_pruning" if isinstance(self.decoder, DyCokeKV) else "fastv"] = state.summary()
@@ -222,14 +223,14 @@ class NativeCompression:
         """A generation's first forward (its prefill): find the videos and give this generation's cache their
         compaction (a forward outside generate gets a cache of its own; the model returns it)."""
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        cache = kwargs.get("past_key_values")
+        cache = cache_argument(kwargs)
         ours = isinstance(cache, (CompressionDynamicCache, CompressionStaticCache))
         if input_ids is None or input_ids.shape[1] == 1 or (ours and getattr(cache, "sequence", None) is not None):
             return None  # a decoding step (or embeddings given directly: nothing to find the videos by)
         if cache is not None and not ours:
             raise NotImplementedError(
                 f"With video-token compression, {type(self.model).__name__} runs with the cache it makes for each "
-                f"generate call; a {type(cache).__name__} was passed: leave past_key_values out."
+                f"generate call; a {type(cache).__name__} was passed: leave past_key_values (cache) out."
             )
         if cache is not None and _cached_length(cache) != 0:
             return None  # a prompt continued on a filled cache: runs unmodified
@@ -242,7 +243,8 @@ class NativeCompression:
                 raise ValueError(f"{self.decoder.name} works on the KV cache: run with use_cache=True")
             cache = CompressionDynamicCache(self.model.config, None)
         cache.sequence = _Sequence(self, _videos(runs, grids, self.family, self.model.config), input_ids.shape)
-        kwargs["past_key_values"], kwargs["use_cache"] = cache, True
+        pop_cache_argument(kwargs)
+        kwargs[CACHE_ARG], kwargs["use_cache"] = cache, True
         if args:
             kwargs["input_ids"], args = args[0], args[1:]
         return args, kwargs
@@ -260,7 +262,7 @@ class NativeCompression:
         return grids
 
     def _before_language_model(self, module, args, kwargs):
-        cache = kwargs.get("past_key_values")
+        cache = cache_argument(kwargs)
         sequence = getattr(cache, "sequence", None)
         if sequence is None:
             return None
@@ -423,31 +425,20 @@ class _Sequence:
 # ---- decoder-layer hooks (the same DecodeState hooks as LlavaQwenDecoderLayer) --------------------------------------
 
 
-def _layer_inputs(args, kwargs) -> LayerInputs:
-    hidden_states = args[0] if args else kwargs["hidden_states"]
-    return LayerInputs(hidden_states, kwargs.get("attention_mask"), kwargs.get("position_ids"), kwargs["position_embeddings"])
-
-
 def _before_decoder_layer(module, args, kwargs):
-    cache = kwargs.get("past_key_values")
+    cache = cache_argument(kwargs)
     state = getattr(cache, "compression", None)
     if state is None:
         return None
-    inputs = state.before_layer(module.self_attn.layer_idx, _layer_inputs(args, kwargs), cache)
-    if args:
-        args = (inputs.hidden_states, *args[1:])
-    else:
-        kwargs["hidden_states"] = inputs.hidden_states
-    kwargs.update(attention_mask=inputs.attention_mask, position_ids=inputs.position_ids,
-                  position_embeddings=inputs.position_embeddings)
-    return args, kwargs
+    inputs = state.before_layer(module.self_attn.layer_idx, LayerInputs.of_call(args, kwargs), cache)
+    return inputs.into_call(args, kwargs)
 
 
 def _after_decoder_layer(module, args, kwargs, output):
-    cache = kwargs.get("past_key_values")
+    cache = cache_argument(kwargs)
     state = getattr(cache, "compression", None)
     if state is not None:
-        state.after_layer(module, module.self_attn.layer_idx, _layer_inputs(args, kwargs), cache)
+        state.after_layer(module, module.self_attn.layer_idx, LayerInputs.of_call(args, kwargs), cache)
     return None
 
 

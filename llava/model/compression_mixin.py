@@ -29,6 +29,7 @@ from llava.compression.decoding import DecodeCompressor, GenerationInputs, make_
 from llava.compression.dycoke_kv import DyCokeKV
 from llava.compression.methods import CompressionSetup
 from llava.compression.settings import CompressionSettings, check_setting, settings_from_kwargs
+from llava.transformers_compat import cache_argument
 
 logger = logging.getLogger("llava.compression")
 
@@ -212,10 +213,10 @@ class CompressionMixin:
 def _check_generate_arguments(decoder: DecodeCompressor, kwargs: dict, generation_config) -> None:
     name = "DyCoke KV pruning" if isinstance(decoder, DyCokeKV) else "FastV"
     config = kwargs.get("generation_config") or generation_config
-    if kwargs.get("past_key_values") is not None:
+    if cache_argument(kwargs) is not None:
         raise ValueError(
             f"{name} makes the cache of each generate call (it holds the call's pruning state); do not pass "
-            "past_key_values. Choose its kind with cache_implementation='dynamic' or 'static'."
+            "past_key_values (cache). Choose its kind with cache_implementation='dynamic' or 'static'."
         )
     if kwargs.get("use_cache", config.use_cache) is False:
         raise ValueError(f"{name} works on the KV cache: generate with use_cache=True (the default).")

@@ -15,6 +15,7 @@ from llava.model.compression_mixin import CompressionMixin
 from llava.model.llava_arch import LlavaMetaForCausalLM, LlavaMetaModel
 from llava.model.vision_tower import published_tower_config
 from llava.timing import synchronize
+from llava.transformers_compat import CACHE_ARG, cache_argument, pop_cache_argument
 
 SUPPORTED_MODEL_TYPES = ("llava", "llava_qwen")
 SUPPORTED_ARCHITECTURES = ("LlavaQwenForCausalLM",)
@@ -48,38 +49,21 @@ def config_from_dict(raw: dict, checkpoint_dir: str | os.PathLike | None) -> Lla
 class LlavaQwenDecoderLayer(Qwen2DecoderLayer):
     """The stock ``Qwen2DecoderLayer`` with the hook points of decode-time compression (DyCoke's KV pruning, FastV).
 
-    The compression state of a ``generate`` call lives in that call's cache (``past_key_values.compression``, see
+    The compression state of a ``generate`` call lives in that call's cache (``cache.compression``, see
     :mod:`llava.compression.decoding`). Without one, this layer runs the stock forward unchanged. With one, the
     state may replace the layer's inputs before it runs (mask, positions, hidden states) and read its cache after.
     """
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
-        use_cache: bool | None = False,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-        **kwargs,
-    ) -> torch.Tensor:
-        compression = getattr(past_key_values, "compression", None)
-        if compression is not None:
-            layer_idx = self.self_attn.layer_idx
-            inputs = LayerInputs(hidden_states, attention_mask, position_ids, position_embeddings)
-            inputs = compression.before_layer(layer_idx, inputs, past_key_values)
-            hidden_states, attention_mask, position_ids, position_embeddings = inputs
-        output = super().forward(
-            hidden_states,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            use_cache=use_cache,
-            position_embeddings=position_embeddings,
-            **kwargs,
-        )
-        if compression is not None:
-            compression.after_layer(self, layer_idx, inputs, past_key_values)
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        cache = cache_argument(kwargs)
+        compression = getattr(cache, "compression", None)
+        if compression is None:
+            return super().forward(*args, **kwargs)
+        layer_idx = self.self_attn.layer_idx
+        inputs = compression.before_layer(layer_idx, LayerInputs.of_call(args, kwargs), cache)
+        args, kwargs = inputs.into_call(args, kwargs)
+        output = super().forward(*args, **kwargs)
+        compression.after_layer(self, layer_idx, inputs, cache)
         return output
 
 
@@ -116,7 +100,6 @@ class LlavaQwenForCausalLM(CompressionMixin, Qwen2ForCausalLM, LlavaMetaForCausa
         input_ids=None,
         attention_mask=None,
         position_ids=None,
-        past_key_values=None,
         inputs_embeds=None,
         labels=None,
         use_cache=None,
@@ -127,16 +110,13 @@ class LlavaQwenForCausalLM(CompressionMixin, Qwen2ForCausalLM, LlavaMetaForCausa
         **kwargs,
     ):
         if inputs_embeds is None and images is not None:
-            (input_ids, position_ids, attention_mask, past_key_values, inputs_embeds, labels) = (
-                self.prepare_inputs_labels_for_multimodal(
-                    input_ids, position_ids, attention_mask, past_key_values, labels, images, modalities, image_sizes
-                )
+            (input_ids, position_ids, attention_mask, _, inputs_embeds, labels) = self.prepare_inputs_labels_for_multimodal(
+                input_ids, position_ids, attention_mask, cache_argument(kwargs), labels, images, modalities, image_sizes
             )
         return super().forward(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             labels=labels,
             use_cache=use_cache,
@@ -165,7 +145,8 @@ class LlavaQwenForCausalLM(CompressionMixin, Qwen2ForCausalLM, LlavaMetaForCausa
         self.last_vision_seconds = time.perf_counter() - started
         cache = self._generation_cache(mm, kwargs)  # holds this call's compression state, if any
         if cache is not None:
-            kwargs["past_key_values"] = cache
+            pop_cache_argument(kwargs)
+            kwargs[CACHE_ARG] = cache
         output = super().generate(inputs_embeds=mm.inputs_embeds, attention_mask=mm.attention_mask.long(), **kwargs)
         self._generation_done(cache)
         return output
