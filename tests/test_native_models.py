@@ -139,6 +139,41 @@ def test_selections_per_frame_equal_the_reference(models, name, method, referenc
     assert len(kept) == sum(per_frame)
 
 
+# Each method at a strong setting, with what it claims to change (a hook that silently stops firing, as the
+# transformers 5.25 cache-argument rename once made it, must fail here).
+CLAIMS = {
+    "merging": dict(compressor="dycoke", dycoke_k=0.5, dycoke_p=0),
+    "vidcom2": dict(compressor="vidcom2", vidcom2_r=0.25),
+    "fastv": dict(compressor="fastv", fastv_k=2, fastv_r=0.9),
+    "kv_pruning": dict(compressor="dycoke", dycoke_k=0, dycoke_l=2, dycoke_p=0.9),
+}
+
+
+@pytest.mark.parametrize("method", CLAIMS)
+@pytest.mark.parametrize("name", nm.MODELS)
+def test_every_method_changes_what_it_claims(models, name, method):
+    model = models[name]
+    inputs = inputs_for(name, model)
+    stock_logits = nm.greedy(model, inputs, 3)[1]
+    with compressed(model, **CLAIMS[method]) as handle:
+        logits = nm.greedy(model, inputs, 3)[1]
+        stats = handle.last_stats
+    changed = (logits - stock_logits).abs().amax(dim=-1)[0]  # per step
+    if method in ("merging", "vidcom2"):  # fewer video tokens enter the LM: every step sees other keys
+        assert 0 < stats["video_tokens_after"] < stats["video_tokens_before"]
+        assert bool((changed > 1e-5).all()), changed
+    elif method == "fastv":  # layers >= K keep round(n * 0.1) of the video tokens from the prefill on
+        fastv = stats["fastv"]
+        assert fastv["pruned"] and fastv["kept_image_tokens"][0] == round(fastv["image_tokens"][0] * 0.1)
+        assert fastv["compact_tokens"] < fastv["prefill_tokens"]
+        assert bool((changed > 1e-5).all()), changed
+    else:  # the prefill is exact; every decoding step attends to 10% of the video tokens from layer L on
+        kv = stats["kv_pruning"]
+        assert kv["decode_steps"] == 2 and kv["recomputations"][0] >= 1
+        assert kv["active_image_tokens"][0] == int(kv["image_tokens"][0] * (1 - 0.9)) < kv["image_tokens"][0]
+        assert float(changed[0]) < 1e-5 and bool((changed[1:] > 1e-5).all()), changed
+
+
 @pytest.mark.parametrize("method", SETTINGS)
 @pytest.mark.parametrize("name", nm.MODELS)
 def test_a_padded_batch_equals_its_rows_alone(models, name, method):

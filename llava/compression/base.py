@@ -27,10 +27,14 @@ class TokenSelection:
             Frames appear in time order: every index of frame f comes before every
             index of frame f + 1. Inside a frame the order is the compressor's.
         per_frame: (F,) int64 number of kept tokens of each frame; ``per_frame.sum() == M``.
+        values: (M, D) the features of the kept tokens, in output order, for methods that merge tokens (a kept
+            token then stands for several: ``index`` is where it sits, e.g. for its position); None (selecting
+            methods) means ``features.reshape(F * N, D)[index]``.
     """
 
     index: torch.Tensor
     per_frame: torch.Tensor
+    values: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         # Shape and dtype checks only: checking values would force a device sync.
@@ -38,6 +42,19 @@ class TokenSelection:
             t = getattr(self, name)
             if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.dtype != torch.long:
                 raise ValueError(f"TokenSelection.{name} must be a 1-D torch.long tensor, got {_describe(t)}")
+        if self.values is not None and (
+            not isinstance(self.values, torch.Tensor) or self.values.dim() != 2 or self.values.shape[0] != self.index.numel()
+        ):
+            raise ValueError(
+                f"TokenSelection.values must be a (M, D) tensor with M = {self.index.numel()} kept tokens, "
+                f"got {_describe(self.values)}"
+            )
+
+    def kept_features(self, features: torch.Tensor) -> torch.Tensor:
+        """(M, D) the features of the kept tokens in output order (merged values where the method merges)."""
+        if self.values is not None:
+            return self.values.to(features.dtype)
+        return features.reshape(-1, features.shape[-1])[self.index]
 
     @property
     def num_frames(self) -> int:

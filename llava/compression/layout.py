@@ -116,7 +116,8 @@ def assemble_video_tokens(
 
     Args:
         features: (F, N, D) pooled per-frame tokens, N == h * w.
-        selection: tokens to keep (None = keep all, the LLaVA-NeXT layout).
+        selection: tokens to keep (None = keep all, the LLaVA-NeXT layout); a merging method's ``values``
+            replace the features of its kept tokens.
         newline: (D,) the ``image_newline`` embedding, or None for no newline tokens.
         position: ``mm_newline_position``, one of ``NEWLINE_POSITIONS``.
         grid_hw: (h, w) of each frame's token grid (default: square).
@@ -138,7 +139,10 @@ def assemble_video_tokens(
         device=features.device,
     )
     is_visual = source != NEWLINE
-    tokens = features.reshape(num_frames * tokens_per_frame, dim)[source.clamp(min=0)]
+    table = features.reshape(num_frames * tokens_per_frame, dim)
+    if selection is not None and selection.values is not None:  # a merging method: its kept tokens' own values
+        table = table.index_copy(0, selection.index, selection.values.to(table.dtype))
+    tokens = table[source.clamp(min=0)]
     if newline is not None:
         tokens = torch.where(is_visual[:, None], tokens, newline.to(device=tokens.device, dtype=tokens.dtype))
     return VideoTokens(tokens, is_visual)
