@@ -20,18 +20,28 @@ from pathlib import Path
 
 import torch
 
-from llava.compression.settings import METHOD_ARGUMENTS, CompressionSettings, check_setting, settings_from_kwargs
+from llava.compression.registry import METHODS
+from llava.compression.settings import (
+    CompressionSettings,
+    check_setting,
+    compressors,
+    layer_arguments,
+    method_arguments,
+    settings_from_kwargs,
+)
 
-COMPRESSORS = ("dycoke", "vidcom2", "fastv", "none")
+COMPRESSORS = tuple(name for name in compressors() if name != "none") + ("none",)
 DEFAULT_QUESTION = "What happens in this video? Describe the moving object."  # for a VIDEO given without one
 DEFAULT_RUNS_WITH_COMPARE = 3
 DEFAULT_FRAMES = 32  # lmms-eval's llava_onevision default (max_frames_num)
 TOY_FRAMES = 8  # llava.toy.videoqa.SAMPLED_FRAMES (not imported here: --help stays fast)
 ANSWER_CELL_WIDTH = 40  # characters of the answer shown in the table (the full answer is printed above it)
 
-# The compression settings the command has an option for; each option is the setting's name with dashes.
-COMPRESSION_OPTIONS = ("dycoke_k", "dycoke_l", "dycoke_p", "dycoke_public_quirks", "vidcom2_r", "fastv_k", "fastv_r")
-LAYER_OPTIONS = ("dycoke_l", "fastv_k")  # their upper bound is the model's layer count, known once it is found
+# The compression settings the command has an option for (every registered method's, but the compatibility
+# arguments the input decides); each option is the setting's name with dashes.
+COMPRESSION_OPTIONS = tuple(argument.name for method in COMPRESSORS for argument in METHODS[method].arguments
+                            if argument.option)
+LAYER_OPTIONS = layer_arguments()  # their upper bound is the model's layer count, known once it is found
 
 DESCRIPTION = """\
 Ask a question about a video, with or without video-token compression (DyCoke, VidCom2,
@@ -61,7 +71,6 @@ def option_name(setting: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    defaults = CompressionSettings()
     parser = argparse.ArgumentParser(
         prog="llava-video",
         usage="%(prog)s [VIDEO] [QUESTION] [options]",
@@ -107,27 +116,23 @@ def build_parser() -> argparse.ArgumentParser:
         "compression settings",
         "Only the selected --compressor's own settings are used. Each is checked before anything is\n"
         "loaded; the layer settings again against the model's layer count once it is found.")
-    compression.add_argument("--dycoke-k", type=float, metavar="K",
-                             help=f"DyCoke: share of video tokens temporal merging removes, in [0, 1); 0 turns "
-                                  f"merging off (default: {defaults.dycoke_k})")
-    compression.add_argument("--dycoke-l", type=int, metavar="L",
-                             help=f"DyCoke: KV pruning is decided at layer L-1 and applied from layer L on; an "
-                                  f"integer in [1, layers-1] (default: {defaults.dycoke_l})")
-    compression.add_argument("--dycoke-p", type=float, metavar="P",
-                             help=f"DyCoke: share of the video tokens' keys/values left out of attention at each "
-                                  f"decoding step, in [0, 1); 0 turns pruning off (default: {defaults.dycoke_p})")
-    compression.add_argument("--dycoke-public-quirks", action="store_const", const=True,
-                             help="DyCoke: decode exactly as the public DyCoke code does (its two differences, "
-                                  "see the README's notes on fidelity) (default: off)")
-    compression.add_argument("--vidcom2-r", type=float, metavar="R",
-                             help=f"VidCom2: share of video tokens kept, in (0, 1] (default: {defaults.vidcom2_r})")
-    compression.add_argument("--fastv-k", type=int, metavar="K",
-                             help=f"FastV: layer from which video tokens are dropped; an integer in [1, layers-1] "
-                                  f"(default: {defaults.fastv_k})")
-    compression.add_argument("--fastv-r", type=float, metavar="R",
-                             help=f"FastV: share of video tokens dropped at layer K, in [0, 1) "
-                                  f"(default: {defaults.fastv_r})")
+    for name in COMPRESSORS:
+        for argument in METHODS[name].arguments:
+            if argument.option:
+                add_compression_option(compression, METHODS[name].label, argument)
     return parser
+
+
+def add_compression_option(group, label: str, argument) -> None:
+    """The option of one method argument, e.g. ``--dycoke-p P``, its help text from the registry."""
+    help_text = f"{label}: {argument.help}"
+    if argument.kind == "flag":
+        group.add_argument(option_name(argument.name), action="store_const", const=True,
+                           help=f"{help_text} (default: {'on' if argument.default else 'off'})")
+        return
+    group.add_argument(option_name(argument.name), type=float if argument.kind == "number" else int,
+                       metavar=argument.name.split("_", 1)[1].upper(),
+                       help=f"{help_text}; {argument.allowed} (default: {argument.default})")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -160,7 +165,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             except ValueError as error:
                 parser.error(f"argument {option_name(name)}: {error}")
     ignored = [option_name(name) for name in COMPRESSION_OPTIONS
-               if getattr(args, name) is not None and name not in METHOD_ARGUMENTS.get(args.compressor, ())]
+               if getattr(args, name) is not None and name not in method_arguments(args.compressor)]
     if ignored:
         say(f"warning: ignoring {', '.join(ignored)}: a setting of another method than --compressor "
             f"{args.compressor}.")
@@ -183,7 +188,7 @@ def compression_settings(args, compressor: str) -> dict:
     given takes the library default)."""
     defaults = CompressionSettings()
     settings = {"compressor": compressor}
-    for name in METHOD_ARGUMENTS.get(compressor, ()):
+    for name in method_arguments(compressor):
         if name in COMPRESSION_OPTIONS:
             given = getattr(args, name)
             settings[name] = getattr(defaults, name) if given is None else given

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -40,6 +41,8 @@ CANARY_TESTS = ("tests/test_transformers_compat.py", "tests/test_conformance.py"
                 "tests/test_fastv.py", "tests/test_dycoke_model.py", "tests/test_compressors_model.py",
                 "tests/test_ttm.py", "tests/test_vidcom2.py", "tests/test_layout.py", "tests/test_builder.py",
                 "tests/test_native_models.py", "tests/test_lmms_eval.py", "tests/test_lmms_eval_native.py")
+# An error line: "SomeError: ...", "SomeException: ..." or lmms-eval's "Error during evaluation: ...".
+CAUSE = re.compile(r"\b(?:[A-Z]\w*(?:Error|Exception)|Error during \w+): .*")
 
 
 @dataclass
@@ -86,9 +89,19 @@ def first_failure(report: Path, output: str) -> Result:
         for case in ET.parse(report).getroot().iter("testcase"):
             for problem in list(case.findall("failure")) + list(case.findall("error")):
                 test = f"{case.get('classname', '').replace('.', '/')}.py::{case.get('name')}"
-                return Result(False, test, one_line(problem.get("message") or problem.text or ""))
+                return Result(False, test, root_cause(problem.text or "") or one_line(problem.get("message") or ""))
     lines = [line for line in output.splitlines() if line.strip()]
     return Result(False, error=one_line(lines[-1] if lines else "no output"))
+
+
+def root_cause(text: str) -> str:
+    """The first error a failure's text names besides the test's own assertion (e.g. the ModuleNotFoundError that a
+    subprocess printed), or "" when there is none."""
+    for line in text.splitlines():
+        match = CAUSE.search(line)
+        if match and not match.group(0).startswith("AssertionError"):
+            return one_line(match.group(0))
+    return ""
 
 
 def one_line(text: str, width: int = 160) -> str:

@@ -363,5 +363,5 @@ def test_layer_settings_are_checked_against_the_model(tiny_checkpoint, sample_vi
 def test_settings_of_another_method_are_reported_as_ignored(capsys):
     args = cli.parse_args(["--compressor", "dycoke", "--vidcom2-r", "0.5", "--fastv-k", "2"])
     assert args.compression["compressor"] == "dycoke" and "vidcom2_r" not in args.compression
-    assert "warning: ignoring --vidcom2-r, --fastv-k: a setting of another method than --compressor dycoke" in (
+    assert "warning: ignoring --fastv-k, --vidcom2-r: a setting of another method than --compressor dycoke" in (
         capsys.readouterr().err)

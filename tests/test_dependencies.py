@@ -71,6 +71,14 @@ def test_the_canary_reports_the_first_failing_test_and_its_error(tmp_path):
     assert not result.passed
     assert result.first_failure.endswith("test_sample.py::test_breaks")
     assert "No module named 'filelock._api_gone_for_this_test'" in result.error
+    (tmp_path / "test_sample.py").write_text(
+        "import subprocess, sys\n\n"
+        "def test_a_subprocess_fails():\n"
+        "    done = subprocess.run([sys.executable, '-c', 'import filelock._api_gone'], capture_output=True, text=True)\n"
+        "    assert done.returncode == 0, done.stderr\n"
+    )
+    result = canary.run_tests(sys.executable, canary.environment(), tmp_path, tests=[str(tmp_path / "test_sample.py")])
+    assert result.error.startswith("ModuleNotFoundError: No module named 'filelock._api_gone'")  # the cause, not the assert
     (tmp_path / "test_sample.py").write_text("def test_passes():\n    pass\n")
     assert canary.run_tests(sys.executable, canary.environment(), tmp_path,
                             tests=[str(tmp_path / "test_sample.py")]).passed

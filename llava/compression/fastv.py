@@ -41,6 +41,7 @@ from llava.compression.decoding import (
     mark_static,
 )
 from llava.compression.masks import KeyMask, causal_prefill_mask, mask_kind
+from llava.compression.registry import Argument, Stages, register
 from llava.compression.settings import check_setting
 
 __all__ = ["FastV", "FastVState"]
@@ -216,3 +217,14 @@ def _gather_positions(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     *lead, _, length, dim = table.shape
     table = table.expand(*lead, index.shape[0], length, dim)
     return table.gather(-2, index[..., None].expand(*lead, -1, -1, dim))
+
+
+@register(
+    "fastv",
+    Argument("fastv_k", 2, "layer", "layer from which video tokens are dropped"),
+    Argument("fastv_r", 0.5, "[0, 1)", "share of video tokens dropped at layer K; 0 turns FastV off"),
+    summary="FastV: the video tokens least attended by the last prompt token are dropped from layer K on",
+    examples=({"fastv_k": 2, "fastv_r": 0.5}, {"fastv_k": 1, "fastv_r": 0.9}),
+)
+def build(settings) -> Stages:
+    return Stages(decoder=FastV(settings.fastv_k, settings.fastv_r) if settings.fastv_r > 0 else None)

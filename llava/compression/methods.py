@@ -1,19 +1,22 @@
-"""The compression methods that a set of settings selects: one video compressor before the language model
-(TTM, VidCom2) and one decode-time compressor in its decoder layers (DyCoke's KV pruning, FastV)."""
+"""The compression methods, registered by importing their modules (one line each), and what a set of settings
+builds: one video compressor before the language model and/or one decode-time compressor in its decoder layers."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from llava.compression import dycoke, fastv, vidcom2  # noqa: F401  (each registers its method)
 from llava.compression.base import VideoTokenCompressor
 from llava.compression.decoding import DecodeCompressor
-from llava.compression.dycoke_kv import DyCokeKV
-from llava.compression.fastv import FastV
+from llava.compression.registry import Stages, method, register
 from llava.compression.settings import CompressionSettings
-from llava.compression.ttm import TemporalTokenMerging
-from llava.compression.vidcom2 import VidCom2
 
 __all__ = ["CompressionSetup"]
+
+
+@register("none", summary="no compression: the baseline")
+def _baseline(settings) -> Stages:
+    return Stages()
 
 
 @dataclass(frozen=True)
@@ -26,13 +29,5 @@ class CompressionSetup:
 
     @classmethod
     def build(cls, settings: CompressionSettings) -> CompressionSetup:
-        video = decoder = None
-        if settings.compressor == "dycoke":
-            video = TemporalTokenMerging(settings.dycoke_k) if settings.dycoke_k > 0 else None
-            if settings.dycoke_p > 0:
-                decoder = DyCokeKV(settings.dycoke_l, settings.dycoke_p, public_quirks=settings.dycoke_public_quirks)
-        elif settings.compressor == "vidcom2":
-            video = VidCom2(settings.vidcom2_r)
-        elif settings.compressor == "fastv" and settings.fastv_r > 0:
-            decoder = FastV(settings.fastv_k, settings.fastv_r)
-        return cls(settings, video, decoder)
+        stages = method(settings.compressor).build(settings)
+        return cls(settings, stages.video, stages.decoder)

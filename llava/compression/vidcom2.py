@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import TokenSelection, VideoTokenCompressor, check_video_features
+from .registry import Argument, Stages, register
 from .settings import check_setting
 
 __all__ = ["VidCom2", "vidcom2_frame_budgets", "vidcom2_token_scores"]
@@ -93,3 +94,13 @@ class VidCom2(VideoTokenCompressor):
         # nonzero of a (F, N) mask is row-major: frames in time order, tokens in spatial order.
         index = keep.reshape(-1).nonzero().squeeze(1)
         return TokenSelection(index=index, per_frame=budget)
+
+
+@register(
+    "vidcom2",
+    Argument("vidcom2_r", 0.25, "(0, 1]", "share of video tokens kept"),
+    summary="VidCom2: frame-uniqueness-aware token selection before the LM",
+    examples=({"vidcom2_r": 0.5}, {"vidcom2_r": 0.1}),
+)
+def build(settings) -> Stages:
+    return Stages(video=VidCom2(settings.vidcom2_r))

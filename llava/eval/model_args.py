@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from loguru import logger  # lmms-eval's logger: shown at its --verbosity
 
-from llava.compression.settings import SETTING_NAMES, pop_compression_kwargs, settings_from_kwargs
+from llava.compression.settings import pop_compression_kwargs, setting_names, settings_from_kwargs
 from llava.eval.video_errors import check_policy
 from llava.model.builder import local_checkpoint, looks_like_hub_id
 
@@ -36,7 +36,7 @@ class WrapperArgs:
 def valid_names(stock_init, extra: tuple[str, ...]) -> list[str]:
     params = inspect.signature(stock_init).parameters.values()
     own = [p.name for p in params if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
-    return sorted(set(own) | set(extra) | set(SETTING_NAMES) | set(WRAPPER_ARGS))
+    return sorted(set(own) | set(extra) | set(setting_names()) | set(WRAPPER_ARGS))
 
 
 def split_model_args(model: str, stock_init, kwargs: dict, extra: tuple[str, ...] = ()) -> WrapperArgs:

@@ -28,7 +28,13 @@ from llava.compression.base import TokenSelection, VideoTokenCompressor
 from llava.compression.decoding import DecodeCompressor, GenerationInputs, make_generation_cache, new_token_budget
 from llava.compression.dycoke_kv import DyCokeKV
 from llava.compression.methods import CompressionSetup
-from llava.compression.settings import CompressionSettings, check_setting, settings_from_kwargs
+from llava.compression.settings import (
+    CompressionSettings,
+    check_setting,
+    layer_arguments,
+    setting_names,
+    settings_from_kwargs,
+)
 from llava.transformers_compat import cache_argument
 
 logger = logging.getLogger("llava.compression")
@@ -60,7 +66,7 @@ class CompressionMixin:
     def set_compression(self, settings: CompressionSettings) -> CompressionSettings:
         """Use ``settings`` (from :func:`~llava.compression.settings.settings_from_kwargs`): everything is built
         and checked before the model changes, so a rejected setting leaves it as it was."""
-        for name in ("dycoke_l", "fastv_k"):  # settings made without this model's layer count
+        for name in layer_arguments():  # settings made without this model's layer count
             check_setting(name, getattr(settings, name), self.config.num_hidden_layers)
         setup = CompressionSetup.build(settings)
         self.__dict__["_compression_setup"] = setup
@@ -264,6 +270,5 @@ def _setting_property(name: str):
     return property(getter, setter, doc=f"Compression argument ``{name}`` (validated on set).")
 
 
-for _name in ("dycoke", "compressor", "dycoke_k", "dycoke_l", "dycoke_p", "dycoke_num_tokens_per_frame",
-              "image_token_start_index", "dycoke_public_quirks", "vidcom2_r", "fastv_k", "fastv_r"):
+for _name in setting_names():
     setattr(CompressionMixin, _name, _setting_property(_name))
