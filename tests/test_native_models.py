@@ -18,6 +18,7 @@ from llava.compression import apply_compression, compressed, remove_compression
 from llava.transformers_compat import CACHE_ARG, output_cache
 from tests import native_models as nm
 from tests.conftest import random_video
+from tests.test_evs import reference_evs
 from tests.references import (
     MaskedDyCoke,
     greedy,
@@ -106,9 +107,16 @@ def test_qwen_prefill_equals_the_stock_model_with_dropped_tokens_hidden(models, 
     assert all(len(row) < (inputs["input_ids"][i] == nm.VIDEO).sum() for i, row in enumerate(kept))
 
 
-@pytest.mark.parametrize("method, reference", [("dycoke", reference_ttm), ("vidcom2", reference_vidcom2)])
+SELECTION_REFERENCES = {  # method -> (the loop reference, the settings that make the method run it at ratio 0.5)
+    "dycoke": (reference_ttm, {"compressor": "dycoke", "dycoke_k": 0.5, "dycoke_p": 0.0}),
+    "vidcom2": (reference_vidcom2, {"compressor": "vidcom2", "vidcom2_r": 0.5}),
+    "evs": (reference_evs, {"compressor": "evs", "evs_rate": 0.5}),
+}
+
+
+@pytest.mark.parametrize("method", SELECTION_REFERENCES)
 @pytest.mark.parametrize("name", [*QWEN, "llava_onevision"])
-def test_selections_per_frame_equal_the_reference(models, name, method, reference):
+def test_selections_per_frame_equal_the_reference(models, name, method):
     """A frame is one temporal step of video_grid_thw (Qwen) or one pooled frame (LLaVA-OneVision)."""
     model = models[name]
     inputs = inputs_for(name, model)
@@ -124,11 +132,10 @@ def test_selections_per_frame_equal_the_reference(models, name, method, referenc
     else:
         frames = int(inputs["video_grid_thw"][0, 0])
     features = features.reshape(frames, -1, features.shape[-1])
-    ratio = 0.5
-    index, per_frame = reference(features, ratio)
+    reference, settings = SELECTION_REFERENCES[method]
+    index, per_frame = reference(features, 0.5)
     expected = [int(video_columns[i]) for i in index]
-    with compressed(model, **({"compressor": "dycoke", "dycoke_k": ratio, "dycoke_p": 0.0} if method == "dycoke"
-                              else {"compressor": "vidcom2", "vidcom2_r": ratio})) as handle:
+    with compressed(model, **settings) as handle:
         with torch.no_grad():
             model(**inputs)
     kept = handle.last_stats["kept_video_columns"][0]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from llava.compression import dycoke, fastv, vidcom2  # noqa: F401  (each registers its method)
+from llava.compression import dycoke, evs, fastv, vidcom2  # noqa: F401  (each registers its method)
 from llava.compression.base import VideoTokenCompressor
 from llava.compression.decoding import DecodeCompressor
 from llava.compression.registry import Stages, method, register
