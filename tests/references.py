@@ -150,15 +150,22 @@ class MaskedDyCoke(_Hooked):
     positions, decide the active set (top int(n * (1 - p)); recomputed at the first step and when the cosine with the
     previous step's is below the threshold); layers >= L get the inactive video tokens hidden by the additive mask.
     ``public_quirks``: the prunable span leaves out the last video token, and steps that keep the set hide nothing.
+
+    Per decoding step it records ``scores`` (the vector ``a``), ``attended`` (the video positions layers >= L see),
+    ``recomputed`` and, on the steps that recompute, ``boundaries`` ([lowest kept, highest dropped] score).
     """
 
     def __init__(self, model, positions, layer: int, ratio: float, threshold: float = 0.9, public_quirks=False):
+        self.video = positions
         self.positions = positions[:-1] if public_quirks else positions
         self.keep = int(len(self.positions) * (1 - ratio))
         self.threshold, self.public_quirks = threshold, public_quirks
         self.active = self.previous = None
         self.recomputed: list[bool] = []
         self.margins: list[float] = []  # a selection is well defined when no margin is within rounding
+        self.scores: list[torch.Tensor] = []
+        self.attended: list[torch.Tensor] = []
+        self.boundaries: list[tuple[float, float] | None] = []
         self.hide_now = True
         self.handles = _hook(model, layer, read=self.decide, hide=self.hide)
 
@@ -168,13 +175,21 @@ class MaskedDyCoke(_Hooked):
             return  # the prefill is exact
         attention = weights[0].mean(dim=0)[-1][self.positions]
         recompute = self.previous is None or F.cosine_similarity(attention, self.previous, dim=0) < self.threshold
+        boundary = None
         if recompute:
             self.active = self.positions[attention.topk(self.keep).indices]
             ranked = attention.sort(descending=True).values
-            if self.keep < len(ranked):  # how far the last kept token is from the first dropped one
-                self.margins.append(float(ranked[self.keep - 1] - ranked[self.keep]))
+            if 0 < self.keep < len(ranked):  # how far the last kept token is from the first dropped one
+                boundary = (float(ranked[self.keep - 1]), float(ranked[self.keep]))
+                self.margins.append(boundary[0] - boundary[1])
         self.recomputed.append(bool(recompute))
+        self.boundaries.append(boundary)
+        self.scores.append(attention)
         self.hide_now = bool(recompute) or not self.public_quirks
+        attended = self.active if self.hide_now else self.video
+        if self.public_quirks and self.hide_now:
+            attended = torch.cat([attended, self.video[-1:]])  # outside the span: never hidden
+        self.attended.append(attended.sort().values)
         self.previous = attention
 
     def hide(self, module, args, kwargs):

@@ -197,8 +197,10 @@ def test_public_quirks_reproduce_the_public_code(case):
             torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
             kv = c.model.last_compression_stats["kv_pruning"]
             video_tokens = len(video_positions(c.reference, c.ids, c.video))
-            assert kv["mode"] == "public_quirks" and kv["image_tokens"] == [video_tokens - 1]  # a span of M - 1
-            assert kv["active_image_tokens"] == [int((video_tokens - 1) * (1 - RATIO))]
+            assert kv["mode"] == "public_quirks" and kv["image_tokens"] == [video_tokens]
+            assert kv["scored_image_tokens"] == [video_tokens - 1]  # a span of M - 1
+            # its top int((M - 1) * (1 - p)), and the last video token
+            assert kv["active_image_tokens"] == [int((video_tokens - 1) * (1 - RATIO)) + 1]
     finally:
         c.model.dycoke_public_quirks = False
     _, default_logits = dycoke_run(c)

@@ -10,8 +10,12 @@ cache and come back when a later step selects them. Every ``generate`` call star
 How it runs (per generation, in the cache's :class:`DyCokeKVState`):
 
 - layer L-1, after its stock forward: one query projection of the layer's input and one pass over the layer's
-  cached keys give ``a`` (:func:`~llava.compression._attention.mean_head_attention`); the active set is updated on
-  the device with ``torch.where`` (no host read), and so are this step's copies into the active slots;
+  cached keys give ``a`` (:func:`~llava.compression._attention.mean_head_attention`), with the keys' validity
+  always explicit (a static cache's unfilled slots are hidden, as a dynamic cache has none), so every path computes
+  the same softmax; the ranking is a stable sort, so equal scores rank in position order on every path (``topk``'s
+  order among ties is the kernel's), and the lowest kept and highest dropped scores of each recomputation are logged
+  (``boundary_scores``: a near-tie shows). The active set is updated on the device with ``torch.where`` (no host
+  read), and so are this step's copies into the active slots;
 - layers >= L keep their keys/values in a store of their own laid out
   [scratch | video tokens | non-video prefill | active copies | decoded tokens], with fixed shapes per generation;
   a decoding step attends over the contiguous slots from the non-video prefill on, so it reads only the kept keys.
@@ -24,7 +28,9 @@ Fidelity switch, ``public_quirks=True`` (``dycoke_public_quirks``), reproducing 
 its prunable span is one token shorter than the merged video tokens (``image_token_length = size - 1`` in its
 llava_arch.py), so it keeps int((M - 1) * (1 - p)) of them and always the last video token; and on a step whose
 attention is similar to the previous step's (cos >= 0.9) it attends to the full cache instead of the kept set.
-Those steps then run over the full cache with a mask hiding the inactive video tokens.
+Those steps then run over the full cache with a mask hiding the inactive video tokens. The trace
+(``active_positions``) reports what layers >= L attend to: the kept tokens and the last video token on the steps
+that recompute, every video token on the others.
 """
 
 from __future__ import annotations
@@ -48,7 +54,7 @@ from llava.compression.decoding import (
 from llava.compression.masks import BOOL, KeyMask, mask_kind
 from llava.compression.settings import check_setting
 
-__all__ = ["DyCokeKV", "DyCokeKVState", "without_last_video_token"]
+__all__ = ["DyCokeKV", "DyCokeKVState", "rank_by_score", "without_last_video_token"]
 
 # F.cosine_similarity's default eps.
 _COSINE_EPS = 1e-8
@@ -99,6 +105,13 @@ def without_last_video_token(prunable: torch.Tensor) -> torch.Tensor:
     return shortened
 
 
+def rank_by_score(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sorted scores, their indices) of each row of ``scores``, highest first; equal scores in index order (the
+    earlier video token first). A stable sort rather than ``topk``, whose order among equal scores depends on the
+    kernel: every path (dynamic or static cache, compiled, a row alone or in a batch) breaks a tie the same way."""
+    return scores.sort(dim=1, descending=True, stable=True)
+
+
 @dataclass
 class _VideoLayout:
     """Where each prefill row's video and other tokens are, padded to common widths (counts read once)."""
@@ -110,7 +123,9 @@ class _VideoLayout:
     other_index: torch.Tensor  # (B, O) cache positions of the other prefill tokens
     other_valid: torch.Tensor  # (B, O) (padding is an 'other' token, hidden by the attention mask)
     active_valid: torch.Tensor  # (B, K) which of the K active slots each row uses
+    keep: torch.Tensor  # (B,) keep_counts on the device
     has_video: torch.Tensor  # (B,)
+    has_boundary: torch.Tensor  # (B,) some video tokens kept and some dropped
 
     @classmethod
     def from_mask(cls, prunable: torch.Tensor, attention_mask: torch.Tensor, ratio: float) -> _VideoLayout:
@@ -121,6 +136,7 @@ class _VideoLayout:
         video_first = torch.sort(prunable.to(torch.uint8), dim=1, descending=True, stable=True).indices
         other_first = torch.sort(prunable.to(torch.uint8), dim=1, stable=True).indices
         counts = torch.tensor(video_counts, device=prunable.device)
+        keep = torch.tensor(keep_counts, device=prunable.device)
         other_width = length - min(video_counts)
         other_index = other_first[:, :other_width]
         return cls(
@@ -130,8 +146,10 @@ class _VideoLayout:
             video_valid=slots_below(counts, max(video_counts)),
             other_index=other_index,
             other_valid=slots_below(length - counts, other_width) & attention_mask.gather(1, other_index),
-            active_valid=slots_below(torch.tensor(keep_counts, device=prunable.device), max(keep_counts)),
+            active_valid=slots_below(keep, max(keep_counts)),
+            keep=keep,
             has_video=counts > 0,
+            has_boundary=(keep > 0) & (keep < counts),
         )
 
     @property
@@ -168,8 +186,9 @@ class DyCokeKVState(DecodeState):
         self.slot = torch.zeros(1, dtype=torch.long, device=device)  # this step's index, from 0
         self.previous_direction = torch.zeros(batch, self.videos, device=device)  # a_prev / |a_prev|
         self.active = torch.full((batch, self.keep), self.videos, dtype=torch.long, device=device)  # N: none yet
-        # Per step and row: [recomputed (0/1), cos(a, a_prev) (NaN at the first step), tokens that entered the set].
-        self.log = torch.zeros(batch, capacity, 3, device=device)
+        # Per step and row: [recomputed (0/1), cos(a, a_prev) (NaN at the first step), tokens that entered the set,
+        # the lowest kept and the highest dropped score (NaN on steps that keep the set)].
+        self.log = torch.zeros(batch, capacity, 5, device=device)
         self.history = torch.zeros(batch, capacity, self.keep, dtype=torch.long, device=device) if inputs.record else None
         # The decision layer's key validity over the full cache [prefill | decoded].
         self.key_valid = KeyMask(inputs.attention_mask, capacity, BOOL, torch.bool)
@@ -252,13 +271,7 @@ class DyCokeKVState(DecodeState):
 
     def _decide(self, decoder_layer, inputs: LayerInputs, cache) -> None:
         layout = self.layout
-        query = layer_query(decoder_layer, inputs.hidden_states, *inputs.position_embeddings)
-        keys = cache.layers[self.decision_layer].keys
-        valid = self.key_valid.view(keys.shape[2], all_marked=True)
-        attention = mean_head_attention(query, keys, valid, decoder_layer.self_attn.scaling)
-        video_attention = attention.gather(1, layout.video_index)
-        if not layout.uniform:
-            video_attention = video_attention * layout.video_valid
+        video_attention = self._video_attention(decoder_layer, inputs, cache)
         # cos(a, a_prev) exactly as F.cosine_similarity computes it (a_prev / |a_prev| kept from the last step).
         norm = torch.linalg.vector_norm(video_attention, dim=-1, keepdim=True).clamp_min(_COSINE_EPS)
         direction = video_attention / norm
@@ -268,15 +281,38 @@ class DyCokeKVState(DecodeState):
         # As in the public code, a_prev follows every step, not only the steps that recompute.
         self.previous_direction.copy_(direction)
         scores = video_attention if layout.uniform else video_attention.masked_fill(~layout.video_valid, -math.inf)
-        candidates = scores.topk(self.keep, dim=1).indices  # video tokens, most attended first
+        ranked, order = rank_by_score(scores)
+        candidates = order[:, : self.keep]  # video tokens, most attended first
         if self.compact:
             entered = self._copy_in(candidates, recompute)
         else:
             entered = self._hide_inactive(candidates, recompute)
         record = torch.stack([recompute.float(), torch.where(first, math.nan, similarity), entered.float()], dim=1)
-        self.log.index_copy_(1, self.slot, record[:, None])
+        boundary = self._boundary(ranked).masked_fill(~recompute[:, None], math.nan)
+        self.log.index_copy_(1, self.slot, torch.cat([record, boundary], dim=1)[:, None])
         if self.history is not None:
             self.history.index_copy_(1, self.slot, self._active_positions()[:, None])
+
+    def _video_attention(self, decoder_layer, inputs: LayerInputs, cache) -> torch.Tensor:
+        """(B, N) the vector ``a``: this step's query at layer L-1 over that layer's whole cache (prefill and decoded
+        tokens, this one included), softmax, mean over heads, read at the video tokens (0 at a row's unused slots).
+
+        The key validity is always explicit, so every cache computes the same softmax: a static cache's keys include
+        its unfilled slots (zeros, which a softmax would weigh), and a dynamic cache's do not."""
+        query = layer_query(decoder_layer, inputs.hidden_states, *inputs.position_embeddings)
+        keys = cache.layers[self.decision_layer].keys
+        valid = self.key_valid.view(keys.shape[2], all_marked=False)
+        attention = mean_head_attention(query, keys, valid, decoder_layer.self_attn.scaling)
+        video_attention = attention.gather(1, self.layout.video_index)
+        return video_attention if self.layout.uniform else video_attention * self.layout.video_valid
+
+    def _boundary(self, ranked: torch.Tensor) -> torch.Tensor:
+        """(B, 2) each row's lowest kept score and highest dropped score (NaN where nothing or everything is kept):
+        when the two are within rounding, another path's arithmetic could swap them."""
+        keep = self.layout.keep[:, None]
+        last_kept = ranked.gather(1, (keep - 1).clamp(min=0))
+        first_dropped = ranked.gather(1, keep.clamp(max=self.videos - 1))
+        return torch.cat([last_kept, first_dropped], dim=1).masked_fill(~self.layout.has_boundary[:, None], math.nan)
 
     def _copy_in(self, candidates: torch.Tensor, recompute: torch.Tensor) -> torch.Tensor:
         """Make ``candidates`` (video token numbers) the active set of the rows that ``recompute``: this step copies
@@ -358,31 +394,46 @@ class DyCokeKVState(DecodeState):
     # ---- statistics ----------------------------------------------------------------------------------------------
 
     def summary(self) -> dict:
-        """``image_tokens`` and ``active_image_tokens``: video tokens per row (the active count is the same at every
-        step); ``decode_steps``; per row: ``recomputations`` (the first step counts), ``recompute_steps``, ``entered``
-        (tokens that entered the active set at each step) and ``similarity`` (cos(a, a_prev) per step, NaN first)."""
+        """Per row: ``image_tokens`` (video tokens), ``active_image_tokens`` (those layers >= L attend to on a step
+        that recomputes the set: int(n * (1 - p)); with public quirks int((n - 1) * (1 - p)) plus the last video
+        token, and every video token on the steps that keep the set), ``scored_image_tokens`` (the span the decision
+        ranks: n, or n - 1 with public quirks); ``decode_steps``; per row and step: ``recompute_steps`` and
+        ``recomputations`` (the first step counts), ``entered`` (tokens that entered the active set),
+        ``similarity`` (cos(a, a_prev), NaN first) and ``boundary_scores`` ([lowest kept, highest dropped] score of
+        the steps that recompute, NaNs on the others: a near-tie shows as two close numbers)."""
         steps = int(self.step)
         log = self.log[:, :steps].cpu()
         recomputed = (log[..., 0] > 0).tolist()
+        video = self.inputs.prunable.sum(dim=1).tolist()
+        attended = self.layout.keep_counts if self.compact else [k + (n > 0) for k, n in zip(self.layout.keep_counts, video)]
         return {
             "mode": "compact" if self.compact else "public_quirks",
             "layer": self.method.layer,
             "ratio": self.method.ratio,
-            "image_tokens": list(self.layout.video_counts),
-            "active_image_tokens": list(self.layout.keep_counts),
+            "image_tokens": video,
+            "active_image_tokens": list(attended),
+            "scored_image_tokens": list(self.layout.video_counts),
             "decode_steps": steps,
             "recomputations": [sum(row) for row in recomputed],
             "recompute_steps": [[step for step, hit in enumerate(row) if hit] for row in recomputed],
             "entered": log[..., 2].long().tolist(),
             "similarity": log[..., 1].tolist(),
+            "boundary_scores": log[..., 3:5].tolist(),
         }
 
     def active_positions(self, row: int = 0) -> list[torch.Tensor]:
-        """Cache positions of ``row``'s active video tokens at each decoding step (recorded with ``record``)."""
+        """Cache positions of the video tokens ``row``'s layers >= L attend to at each decoding step (recorded with
+        ``record``): the active set; with public quirks also the last video token, and every video token on the
+        steps that keep the set (those steps run over the full cache)."""
         if self.history is None:
             return []
-        keep = self.layout.keep_counts[row]
-        return [positions[:keep].sort().values for positions in self.history[row, : int(self.step)].cpu()]
+        steps, keep = int(self.step), self.layout.keep_counts[row]
+        active = [positions[:keep].sort().values for positions in self.history[row, :steps].cpu()]
+        if self.compact:
+            return active
+        video = self.inputs.prunable[row].nonzero().flatten().cpu()
+        recomputed = (self.log[row, :steps, 0] > 0).tolist()
+        return [torch.cat([kept, video[-1:]]) if hit else video for kept, hit in zip(active, recomputed)]
 
 
 def _extended(tensor: torch.Tensor, dim: int, size: int, fill) -> torch.Tensor:
