@@ -48,7 +48,7 @@ def test_contradicting_method_choices_are_an_error(kwargs):
 
 @pytest.mark.parametrize("kwargs, ignored", [
     ({"dycoke_k": 0.5}, "dycoke_k"),
-    ({"compressor": "vidcom2", "dycoke_p": 0.5, "fastv_r": 0.3}, "dycoke_p, fastv_r"),
+    ({"compressor": "vidcom2", "dycoke_k": 0.5, "fastv_r": 0.3}, "dycoke_k, fastv_r"),  # dycoke_p would compose
     ({"dycoke": True, "vidcom2_r": 0.5}, "vidcom2_r"),
 ])
 def test_arguments_of_a_method_that_is_not_selected_are_warned_about(kwargs, ignored):

@@ -82,7 +82,7 @@ class EVS(VideoTokenCompressor):
     Argument("evs_rate", 0.7, "[0, 1)", "share of video tokens pruned (vLLM's video_pruning_rate); the first frame "
              "is always kept whole"),
     summary="EVS: tokens that repeat the same cell of the previous frame are dropped before the LM",
-    examples=({"evs_rate": 0.5}, {"evs_rate": 0.9}),
+    examples=({"evs_rate": 0.5}, {"evs_rate": 0.9, "dycoke_l": 1, "dycoke_p": 0.7}),  # the second: with KV pruning
 )
 def build(settings) -> Stages:
     return Stages(video=EVS(settings.evs_rate) if settings.evs_rate > 0 else None)

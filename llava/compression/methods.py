@@ -1,5 +1,7 @@
 """The compression methods, registered by importing their modules (one line each), and what a set of settings
-builds: one video compressor before the language model and/or one decode-time compressor in its decoder layers."""
+builds: one video compressor before the language model and/or one decode-time compressor in its decoder layers.
+Any method that works before the LM only can be followed by DyCoke's KV pruning (``compressor="evs",
+dycoke_p=0.7``: ``settings.kv_pruning``)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ from dataclasses import dataclass
 from llava.compression import dycoke, evs, fastv, vidcom2  # noqa: F401  (each registers its method)
 from llava.compression.base import VideoTokenCompressor
 from llava.compression.decoding import DecodeCompressor
+from llava.compression.dycoke_kv import DyCokeKV
 from llava.compression.registry import Stages, method, register
 from llava.compression.settings import CompressionSettings
 
@@ -30,4 +33,7 @@ class CompressionSetup:
     @classmethod
     def build(cls, settings: CompressionSettings) -> CompressionSetup:
         stages = method(settings.compressor).build(settings)
-        return cls(settings, stages.video, stages.decoder)
+        decoder = stages.decoder
+        if settings.kv_pruning and settings.dycoke_p > 0:  # a pre-LLM method, then DyCoke's KV pruning
+            decoder = DyCokeKV(settings.dycoke_l, settings.dycoke_p, public_quirks=settings.dycoke_public_quirks)
+        return cls(settings, stages.video, decoder)

@@ -18,23 +18,26 @@ from typing import Any
 from llava.compression import registry
 from llava.compression.registry import ALIASES, ARGUMENTS, METHODS, OWNER, Argument, method, method_names
 
-__all__ = ["CompressionSettings", "check_setting", "compressors", "layer_arguments", "method_arguments",
+__all__ = ["CompressionSettings", "check_setting", "composes_with_kv_pruning", "compressors", "layer_arguments",
+           "method_arguments",
            "parse_setting", "pop_compression_kwargs", "setting_names", "settings_from_kwargs"]
 
 
 class CompressionSettings:
-    """The compression a model applies: ``compressor`` and the value of every registered method's arguments
+    """The compression a model applies: ``compressor``, whether DyCoke's KV pruning follows a pre-LLM method
+    (``kv_pruning``, see :func:`settings_from_kwargs`) and the value of every registered method's arguments
     (immutable; ``replace`` makes a changed copy). Build it with :func:`settings_from_kwargs` (validated); read a
     value as an attribute (``settings.dycoke_p``)."""
 
     __slots__ = ("_values",)
 
-    def __init__(self, compressor: str = "none", **values: Any):
+    def __init__(self, compressor: str = "none", kv_pruning: bool = False, **values: Any):
         defaults = {name: argument.default for name, argument in ARGUMENTS.items()}
         unknown = sorted(set(values) - set(defaults))
         if unknown:
             raise TypeError(f"CompressionSettings got unknown argument(s) {unknown}")
-        object.__setattr__(self, "_values", MappingProxyType({"compressor": compressor, **defaults, **values}))
+        core = {"compressor": compressor, "kv_pruning": kv_pruning}
+        object.__setattr__(self, "_values", MappingProxyType({**core, **defaults, **values}))
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -164,6 +167,7 @@ def settings_from_kwargs(
     if compressor is not None:
         checked["compressor"] = compressor
     settings = settings.replace(**checked)
+    settings = settings.replace(kv_pruning=_composes_kv_pruning(settings, values, switched=compressor is not None))
     if num_layers is not None:  # a base validated without the layer count, or another model's settings
         for name in layer_arguments():
             check_setting(name, getattr(settings, name), num_layers)
@@ -171,8 +175,31 @@ def settings_from_kwargs(
     return settings
 
 
+# DyCoke's decode-time arguments; given with a method that only works before the LM, they add DyCoke's KV pruning.
+KV_PRUNING_ARGUMENTS = ("dycoke_l", "dycoke_p", "dycoke_public_quirks")
+
+
+def composes_with_kv_pruning(compressor: str) -> bool:
+    """Whether DyCoke's KV pruning can follow ``compressor``: a method that compresses before the LM only."""
+    if compressor in ("none", "dycoke"):
+        return False
+    stages = method(compressor).build(CompressionSettings(compressor))
+    return stages.video is not None and stages.decoder is None
+
+
+def _composes_kv_pruning(settings: CompressionSettings, given: dict, switched: bool) -> bool:
+    """``kv_pruning`` after a change: on when DyCoke's pruning arguments come with (or for) a pre-LLM method, e.g.
+    ``compressor="evs", dycoke_p=0.7``; off when the method changes without them; else as it was."""
+    if not composes_with_kv_pruning(settings.compressor):
+        return False
+    if any(name in given for name in KV_PRUNING_ARGUMENTS):
+        return True
+    return False if switched else settings.kv_pruning
+
+
 def _warn_ignored(settings: CompressionSettings, given: dict) -> None:
-    ignored = [name for name in given if name in OWNER and OWNER[name] != settings.compressor]
+    composed = KV_PRUNING_ARGUMENTS if settings.kv_pruning else ()
+    ignored = [name for name in given if name in OWNER and OWNER[name] != settings.compressor and name not in composed]
     if ignored:
         owners = ", ".join(f"compressor='{OWNER[name]}' for {name}" for name in ignored)
         warnings.warn(
