@@ -44,6 +44,15 @@ def loaded_tiny(tiny_checkpoint):
     )
 
 
+@pytest.fixture
+def model_and_tokenizer(loaded_tiny):
+    """The session's tiny LLaVA model without compression, reset again after the test."""
+    tokenizer, model, _, _ = loaded_tiny
+    model.reset_compression()
+    yield model, tokenizer
+    model.reset_compression()
+
+
 def random_video(frames: int, size: int, seed: int = 0) -> torch.Tensor:
     """Preprocessed-looking pixel values (frames, 3, size, size) in [-1, 1]."""
     generator = torch.Generator().manual_seed(seed)

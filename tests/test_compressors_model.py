@@ -16,14 +16,6 @@ from tests.test_conformance import prompt_ids
 GENERATE = dict(max_new_tokens=6, do_sample=False, eos_token_id=None)
 
 
-@pytest.fixture
-def model_and_tokenizer(loaded_tiny):
-    tokenizer, model, _, _ = loaded_tiny
-    model.reset_compression()
-    yield model, tokenizer
-    model.reset_compression()
-
-
 def run(model, tokenizer, video):
     return model.generate(prompt_ids(tokenizer, "What is moving?"), images=[video], modalities=["video"], **GENERATE)
 

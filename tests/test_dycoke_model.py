@@ -16,14 +16,6 @@ from tests.test_conformance import prompt_ids
 GENERATE = dict(max_new_tokens=8, do_sample=False, eos_token_id=None)
 
 
-@pytest.fixture
-def model_and_tokenizer(loaded_tiny):
-    tokenizer, model, _, _ = loaded_tiny
-    model.reset_compression()
-    yield model, tokenizer
-    model.reset_compression()
-
-
 def pooled_tokens_per_frame(model) -> int:
     return math.ceil(model.get_vision_tower().num_patches_per_side / 2) ** 2
 

@@ -25,14 +25,6 @@ def example(name: str, index: int) -> dict:
     return {"compressor": name, **METHODS[name].examples[index]}
 
 
-@pytest.fixture
-def model_and_tokenizer(loaded_tiny):
-    tokenizer, model, _, _ = loaded_tiny
-    model.reset_compression()
-    yield model, tokenizer
-    model.reset_compression()
-
-
 def generate(model, ids, videos, mask=None, **kwargs):
     output = model.generate(ids, attention_mask=mask, images=videos, modalities=["video"], output_logits=True,
                             return_dict_in_generate=True, **GENERATE, **kwargs)
