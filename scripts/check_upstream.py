@@ -3,14 +3,16 @@ dependency (locked version, newest release, pass/fail, the first failing test an
 
     python scripts/check_upstream.py                  # every watched dependency; exit 1 if any line fails
     python scripts/check_upstream.py --only transformers,filelock
-    python scripts/check_upstream.py --no-together    # skip the fresh environment with every newest release
+    python scripts/check_upstream.py --no-together    # skip the fresh environment (install.sh --latest, newest)
 
 How. For each watched dependency whose newest release is not the locked one, that release alone is laid over this
 (locked) environment, in a throwaway folder put first on PYTHONPATH (``pip install --no-deps --target``), and the
 canary tests run there: the line says what that one release breaks. Then, unless ``--no-together``, a throwaway
-virtual environment gets ``scripts/install.sh --latest`` plus every newest release, ignoring the upper bounds of
-pyproject.toml (a new minor of transformers is exactly what the canary is for), and the tests run once more: the
-last line. A release that needs a new package of its own fails alone (named in its error) and shows in that line.
+virtual environment gets ``scripts/install.sh --latest`` (what a new user's install resolves today, within
+pyproject.toml's ranges: line "fresh install") and the tests run there; then every newest release on top, ignoring
+the upper bounds (a new minor of transformers is exactly what the canary is for), and the tests run once more: line
+"all newest together". A release that needs a new package of its own fails alone (named in its error) and shows in
+that line.
 
 The canary tests are the model, compression and lmms-eval tests (``CANARY_TESTS``). torch is not moved: its newest
 release on the registry is a multi-GB CUDA build. .ci/run runs this after the locked suite and the floor tests and
@@ -34,13 +36,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lock import LOCK, ROOT, read_lock  # noqa: E402
+from packaging.utils import canonicalize_name  # noqa: E402
 
 WATCHED = ("transformers", "tokenizers", "huggingface-hub", "accelerate", "kernels", "safetensors", "lmms-eval",
            "datasets", "filelock", "numpy", "av", "decord", "einops", "pillow")
+# The model and compression tests, and the stock lmms-eval CLI end to end (eval.sh, baseline and DyCoke; llava_vid
+# with DyCoke) plus the native wrappers: an explicit, smaller set than the suite, so CI stays short.
 CANARY_TESTS = ("tests/test_transformers_compat.py", "tests/test_conformance.py", "tests/test_dycoke_kv.py",
                 "tests/test_fastv.py", "tests/test_dycoke_model.py", "tests/test_compressors_model.py",
-                "tests/test_ttm.py", "tests/test_vidcom2.py", "tests/test_layout.py", "tests/test_builder.py",
-                "tests/test_native_models.py", "tests/test_lmms_eval.py", "tests/test_lmms_eval_native.py")
+                "tests/test_every_method.py", "tests/test_ttm.py", "tests/test_vidcom2.py", "tests/test_layout.py",
+                "tests/test_builder.py", "tests/test_native_models.py", "tests/test_lmms_eval_native.py",
+                "tests/test_lmms_eval.py::test_docs_cpu_smoke_recipe_runs_eval_sh",
+                "tests/test_lmms_eval.py::test_python_m_lmms_eval_llava_vid_with_dycoke")
 # An error line: "SomeError: ...", "SomeException: ..." or lmms-eval's "Error during evaluation: ...".
 CAUSE = re.compile(r"\b(?:[A-Z]\w*(?:Error|Exception)|Error during \w+): .*")
 
@@ -126,32 +133,46 @@ def alone(name: str, version: str, workdir: Path) -> Result:
     return run_tests(sys.executable, environment(PYTHONPATH=path), workdir)
 
 
-def together(newest: dict[str, str], workdir: Path) -> Result:
-    """The canary tests in a fresh virtual environment with every newest release."""
+def fresh_environment(newest: dict[str, str], workdir: Path) -> list[tuple[str, Result]]:
+    """The canary tests in a fresh virtual environment: first as ``scripts/install.sh --latest`` leaves it (what a
+    new user's install resolves today, within pyproject.toml's ranges), then with every newest release of
+    ``newest`` on top, ignoring the upper bounds."""
     venv = workdir / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     python = str(venv / "bin" / "python")
     env = environment(PYTHON=python)
     env.pop("PYTHONPATH", None)
-    steps = [
-        ["bash", str(ROOT / "scripts" / "install.sh"), "--latest"],
-        [python, "-m", "pip", "install", "--quiet", f"torch=={read_lock()['torch']}",
-         *(f"{name}=={version}" for name, version in sorted(newest.items()))],
-    ]
-    for step in steps:
+    install = ["bash", str(ROOT / "scripts" / "install.sh"), "--latest"]
+    upgrade = [python, "-m", "pip", "install", "--quiet", f"torch=={read_lock()['torch']}",
+               *(f"{name}=={version}" for name, version in sorted(newest.items()))]
+    results = []
+    for label, step in (("fresh install (--latest)", install), ("all newest together", upgrade)):
         done = subprocess.run(step, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
         if done.returncode != 0:
-            return Result(False, error=f"{' '.join(step[:4])} ... failed: {one_line(done.stderr or done.stdout)}")
-    # The newest releases may bring back the CUDA torchvision that the CPU install removes.
-    subprocess.run([python, "-m", "pip", "uninstall", "-y", "--quiet", "torchvision", "timm"], env=env,
-                   capture_output=True, timeout=300)
-    return run_tests(python, env, workdir)
+            error = f"{' '.join(step[:4])} ... failed: {root_cause(done.stderr) or one_line(done.stderr or done.stdout)}"
+            return results + [(label, Result(False, error=error))]
+        # The newest releases may bring back the CUDA torchvision that the CPU install removes.
+        subprocess.run([python, "-m", "pip", "uninstall", "-y", "--quiet", "torchvision", "timm"], env=env,
+                       capture_output=True, timeout=300)
+        results.append((label, run_tests(python, env, workdir)))
+        if label == "fresh install (--latest)" and not any(_beyond_install(python, newest)):
+            break  # the fresh install already has every newest release: nothing more to try
+    return results
+
+
+def _beyond_install(python: str, newest: dict[str, str]):
+    """For each newest release, whether the fresh install holds another version (yields booleans)."""
+    done = subprocess.run([python, "-m", "pip", "list", "--format=json"], capture_output=True, text=True, timeout=300)
+    installed = {canonicalize_name(item["name"]): item["version"] for item in json.loads(done.stdout or "[]")}
+    for name, version in newest.items():
+        yield installed.get(canonicalize_name(name)) != version
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", help="comma-separated dependencies to check (default: all watched)")
-    parser.add_argument("--no-together", action="store_true", help="skip the fresh environment with every newest release")
+    parser.add_argument("--no-together", action="store_true",
+                        help="skip the fresh environment (install.sh --latest, then every newest release)")
     parser.add_argument("--keep", action="store_true", help="keep the throwaway folder (its path is printed)")
     args = parser.parse_args(argv)
     names = args.only.split(",") if args.only else list(WATCHED)
@@ -173,10 +194,10 @@ def main(argv=None) -> int:
             failed |= not result.passed
             rows.append((name, locked.get(name, "-"), latest, result.describe()))
             print(f"canary: {name} {latest}: {result.describe()}", flush=True)
-        if newest and not args.no_together:
-            result = together(newest, workdir)
-            failed |= not result.passed
-            rows.append(("all newest together", "", "fresh venv", result.describe()))
+        if not args.no_together:
+            for label, result in fresh_environment(newest, workdir):
+                failed |= not result.passed
+                rows.append((label, "", "fresh venv", result.describe()))
     finally:
         if args.keep:
             print(f"canary: throwaway folder kept: {workdir}")
