@@ -61,6 +61,8 @@ examples:
       a real checkpoint (downloaded once), DyCoke with its default settings
   llava-video clip.mp4 --compressor vidcom2 --vidcom2-r 0.25 --compare --runs 5 --visualize kept.png
       VidCom2 against the baseline, 5 timed runs each, and a picture of the kept tokens
+  llava-video --compressor evs --compare --keep-positions
+      the baseline, EVS (kept tokens renumbered) and EVS with the kept tokens at their own positions
 
 A small local checkpoint to try things offline: llava-make-checkpoint ./llava-tiny --preset tiny"""
 
@@ -120,6 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
         for argument in METHODS[name].arguments:
             if argument.option:
                 add_compression_option(compression, METHODS[name].label, argument)
+    compression.add_argument(
+        "--keep-positions", action="store_true",
+        help="any method that compresses before the LM (DyCoke's merging, VidCom2, EVS): the kept video tokens keep "
+             "their uncompressed positions and order, and decoding continues at the uncompressed length (default: "
+             "off, renumbered as the public methods do); with --compare the method also runs without it")
     return parser
 
 
@@ -171,9 +178,14 @@ def parse_args(argv=None) -> argparse.Namespace:
             f"{args.compressor}.")
     args.compression = compression_settings(args, args.compressor)
     try:  # the settings the model will get, built as the library builds them
-        settings_from_kwargs(args.compression)
+        settings = settings_from_kwargs(args.compression)
     except ValueError as error:
         parser.error(str(error))
+    if args.keep_positions and METHODS[args.compressor].build(settings).video is None:
+        say(f"warning: ignoring --keep-positions: --compressor {args.compressor} compresses nothing before the "
+            "language model, so every token keeps its position anyway.")
+        args.keep_positions = False
+        args.compression.pop("keep_positions", None)
 
     if args.visualize:  # fail before the model runs, not after
         if importlib.util.find_spec("matplotlib") is None:
@@ -183,16 +195,34 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def compression_settings(args, compressor: str) -> dict:
+def compression_settings(args, compressor: str, keep_positions: bool | None = None) -> dict:
     """The keyword arguments of ``configure_compression`` for ``compressor``: its own settings only (an option not
-    given takes the library default)."""
+    given takes the library default), and ``keep_positions=True`` when asked (``keep_positions``, default
+    ``--keep-positions``; never for the baseline)."""
     defaults = CompressionSettings()
     settings = {"compressor": compressor}
     for name in method_arguments(compressor):
         if name in COMPRESSION_OPTIONS:
             given = getattr(args, name)
             settings[name] = getattr(defaults, name) if given is None else given
+    keep = getattr(args, "keep_positions", False) if keep_positions is None else keep_positions
+    if keep and compressor != "none":
+        settings["keep_positions"] = True
     return settings
+
+
+def planned_runs(args) -> list[tuple[str, bool]]:
+    """(compressor, keep_positions) of each method the command runs: with --compare the baseline first, and with
+    --keep-positions too the method with its positions renumbered next to it with them kept."""
+    keep = bool(args.keep_positions) and args.compressor != "none"
+    runs = [(args.compressor, keep)]
+    if args.compare and args.compressor != "none":
+        runs = [("none", False)] + ([(args.compressor, False)] if keep else []) + runs
+    return runs
+
+
+def run_label(compressor: str, keep_positions: bool) -> str:
+    return f"{compressor} (kept positions)" if keep_positions else compressor
 
 
 def say(message: str) -> None:
@@ -289,19 +319,19 @@ def generate_kwargs(model, tokenizer, pixels, max_new_tokens: int) -> dict:
             "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
 
 
-def warm_up(model, tokenizer, ids, pixels, args, compressors) -> None:
+def warm_up(model, tokenizer, ids, pixels, args, runs) -> None:
     """One short untimed run per method, so that no timed run pays a first call's one-time costs."""
     say("Warming up (one short untimed run per method) ...")
-    for compressor in compressors:
-        model.configure_compression(**compression_settings(args, compressor))
+    for compressor, keep in runs:
+        model.configure_compression(**compression_settings(args, compressor, keep))
         model.generate(ids.to(model.device), **generate_kwargs(model, tokenizer, pixels, max_new_tokens=2))
 
 
-def measure(model, tokenizer, ids, pixels, args, compressor: str) -> dict:
+def measure(model, tokenizer, ids, pixels, args, compressor: str, keep_positions: bool | None = None) -> dict:
     """``args.runs`` timed generations with ``compressor``: the answer, the token count and every run's timing."""
     from llava.timing import timed_generate
 
-    settings = compression_settings(args, compressor)
+    settings = compression_settings(args, compressor, keep_positions)
     model.configure_compression(**settings)
     details = ", ".join(f"{name}={value}" for name, value in settings.items() if name != "compressor")
     say(f"Generating with compressor={compressor}{f' ({details})' if details else ''}, {args.runs} run(s) ...")
@@ -317,6 +347,7 @@ def measure(model, tokenizer, ids, pixels, args, compressor: str) -> dict:
     stats = model.last_compression_stats
     return {
         "compressor": compressor,
+        "label": run_label(compressor, bool(settings.get("keep_positions"))),
         "answer": tokenizer.decode(output[0], skip_special_tokens=True).strip(),  # greedy: the same in every run
         "video_tokens": stats["video_tokens_after"],
         "timings": timings,
@@ -373,7 +404,7 @@ def format_table(results: list[dict]) -> str:
         memory = f"{max(peaks) / 2**20:.0f} MiB" if peaks else "n/a (CPU)"
         tokens = str(result["video_tokens"]) + ("*" if result["compressor"] == "fastv" else "")
         rows.append([
-            result["compressor"], tokens,
+            result.get("label", result["compressor"]), tokens,
             milliseconds([t.vision_s for t in timings]),
             milliseconds([t.prefill_s for t in timings]),
             milliseconds([t.median_step_s for t in timings]),
@@ -390,6 +421,9 @@ def table_notes(results: list[dict], runs: int) -> list[str]:
          "not counted)."),
         "decode ms/token: the median interval between consecutive new tokens of a run.",
     ]
+    if any(result.get("label", "").endswith("(kept positions)") for result in results):
+        notes.append("(kept positions): --keep-positions, the kept video tokens at their uncompressed positions "
+                     "(RoPE) and in their original order; without it they are packed together and renumbered.")
     if any(result["compressor"] == "fastv" for result in results):
         notes.append("* FastV drops video tokens inside the LM, from layer K on; the column counts the tokens "
                      "that enter it.")
@@ -412,10 +446,10 @@ def main(argv=None) -> int:
         tokenizer, model, image_processor, _ = load(args)
         pixels = image_processor.preprocess(frames, return_tensors="pt")["pixel_values"]
         ids = prompt_ids(tokenizer, args.question, args.conv_template)
-        compressors = ["none", args.compressor] if args.compare and args.compressor != "none" else [args.compressor]
-        if len(compressors) > 1 or args.runs > 1:
-            warm_up(model, tokenizer, ids, pixels, args, compressors)
-        results = [measure(model, tokenizer, ids, pixels, args, c) for c in compressors]
+        runs = planned_runs(args)
+        if len(runs) > 1 or args.runs > 1:
+            warm_up(model, tokenizer, ids, pixels, args, runs)
+        results = [measure(model, tokenizer, ids, pixels, args, c, keep) for c, keep in runs]
     except (VideoLoadError, FileNotFoundError, OSError, ValueError) as error:
         say(f"error: {error}")
         return 2
@@ -423,7 +457,7 @@ def main(argv=None) -> int:
     if args.expected:
         print(f"Expected: {args.expected}")
     for result in results:
-        print(f"Answer ({result['compressor']}): {one_line(result['answer'])}")
+        print(f"Answer ({result.get('label', result['compressor'])}): {one_line(result['answer'])}")
     print()
     print(format_table(results))
     for note in table_notes(results, args.runs):

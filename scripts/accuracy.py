@@ -17,7 +17,14 @@ Methods (``--methods``, groups of the table; each row one setting):
 - ``kv``: DyCoke's dynamic KV pruning alone (k=0), L=2, p in {0.5, 0.7, 0.9};
 - ``fastv``: FastV's one-shot pruning at K=2, R in {0.5, 0.7, 0.9}: the same layers and budgets as ``kv``, so the
   pair isolates dynamic (re-chosen at decoding steps) against one-shot (chosen once at prefill) pruning;
-- ``vidcom2``: r in {0.1, 0.25, 0.5}.
+- ``vidcom2``: r in {0.1, 0.25, 0.5};
+- ``evs``: EVS (vLLM's efficient video sampling), q in {0.5, 0.75, 0.9} (about 50/25/10% of the video tokens kept),
+  and q=0.75 followed by DyCoke's KV pruning (L=2, p=0.7).
+
+Every row of a method that compresses before the LM (``dycoke``, ``merging``, ``vidcom2``, ``evs``) is run twice
+(``--positions``): with the kept video tokens renumbered (packed together, as the public code does: the default) and
+with ``keep_positions=True`` (each kept token at its uncompressed position, in its original order; "(kept
+positions)" rows, dashed in the plot).
 
 Token columns (means per clip): ``into LM``, the video tokens that enter the language model; ``attended deep``,
 the video tokens that layers >= L (DyCoke) or >= K (FastV) attend to when decoding; ``per layer``, their mean over
@@ -68,11 +75,26 @@ def method_grid() -> list[Method]:
         methods.append(Method("fastv", f"FastV K=2 R={r}", {"compressor": "fastv", "fastv_k": 2, "fastv_r": r}))
     for r in (0.1, 0.25, 0.5):
         methods.append(Method("vidcom2", f"VidCom2 r={r}", {"compressor": "vidcom2", "vidcom2_r": r}))
-    return methods
+    for q in (0.5, 0.75, 0.9):
+        methods.append(Method("evs", f"EVS q={q}", {"compressor": "evs", "evs_rate": q}))
+    methods.append(Method("evs", "EVS q=0.75 + KV L=2 p=0.7",
+                          {"compressor": "evs", "evs_rate": 0.75, "dycoke_l": 2, "dycoke_p": 0.7}))
+    grid = []
+    for m in methods:  # each row of a method before the LM, then the same with the positions kept
+        grid.append(m)
+        if m.group in PRE_LLM_GROUPS:
+            grid.append(Method(m.group, f"{m.label} (kept positions)", {**m.settings, "keep_positions": True}))
+    return grid
 
 
 MOVEMENT_SETTINGS = {"compressor": "dycoke", "dycoke_k": 0.0, "dycoke_l": 2, "dycoke_p": 0.7}
-GROUPS = ("baseline", "dycoke", "merging", "kv", "fastv", "vidcom2")
+GROUPS = ("baseline", "dycoke", "merging", "kv", "fastv", "vidcom2", "evs")
+PRE_LLM_GROUPS = ("dycoke", "merging", "vidcom2", "evs")  # a method before the LM: rows with positions kept too
+POSITIONS = ("both", "renumbered", "kept")
+
+
+def keeps_positions(method: Method) -> bool:
+    return bool(method.settings.get("keep_positions"))
 
 
 def load_videos(rows: list[dict], image_processor, num_frames: int) -> list[torch.Tensor]:
@@ -113,6 +135,7 @@ def regime(stats: dict, lengths: list[int]) -> dict | None:
 
 
 def evaluate(model, tokenizer, rows, videos, method: Method, batch_size: int) -> dict:
+    model.reset_compression()  # each row its own settings only (keep_positions, like every setting, persists)
     model.configure_compression(**method.settings)
     num_layers = model.config.num_hidden_layers
     answers, counts, regimes = [], [], []
@@ -151,6 +174,7 @@ def active_set_movement(model, tokenizer, rows, videos, settings: dict) -> dict:
     show. One clip per ``generate`` call: the trace records row 0."""
     from llava.toy.videoqa import make_sample
 
+    model.reset_compression()
     model.configure_compression(**settings)
     second, third, shows_second, shows_third = [], [], [], []
     for row, video in zip(rows, videos):
@@ -206,16 +230,22 @@ def plot(results: list[dict], path: Path) -> None:
 
     panels = ["all", *FAMILIES]
     fig, axes = plt.subplots(2, 3, figsize=(13, 7.5), sharex=True, sharey=True)
-    colours = dict(zip(GROUPS, ("black", "tab:red", "tab:orange", "tab:purple", "tab:blue", "tab:green")))
-    markers = dict(zip(GROUPS, ("*", "o", "s", "D", "^", "v")))
+    colours = dict(zip(GROUPS, ("black", "tab:red", "tab:orange", "tab:purple", "tab:blue", "tab:green", "tab:brown")))
+    markers = dict(zip(GROUPS, ("*", "o", "s", "D", "^", "v", "P")))
     for ax, panel in zip(axes.flat, panels):
         for group in GROUPS:
-            points = sorted((r["tokens"]["per_layer"], r["accuracy"][panel]) for r in results
-                            if r["group"] == group and panel in r["accuracy"])
-            if points:
+            for kept in (False, True):  # renumbered (solid), positions kept (dashed, open markers)
+                points = sorted((r["tokens"]["per_layer"], r["accuracy"][panel]) for r in results
+                                if r["group"] == group and panel in r["accuracy"]
+                                and bool(r["settings"].get("keep_positions")) == kept)
+                if not points:
+                    continue
                 xs, ys = zip(*points)
-                ax.plot(xs, [y * 100 for y in ys], marker=markers[group], color=colours[group], label=group,
-                        linestyle="-" if len(points) > 1 else "none", markersize=9 if group == "baseline" else 6)
+                style = ("--" if kept else "-") if len(points) > 1 else "none"
+                ax.plot(xs, [y * 100 for y in ys], marker=markers[group], color=colours[group],
+                        label=f"{group} (kept positions)" if kept else group, linestyle=style,
+                        markerfacecolor="white" if kept else colours[group],
+                        markersize=9 if group == "baseline" else 6)
         ax.set_title("all families" if panel == "all" else panel)
         ax.grid(alpha=0.3)
         ax.set_ylim(-3, 103)
@@ -224,9 +254,9 @@ def plot(results: list[dict], path: Path) -> None:
     for ax in axes[:, 0]:
         ax.set_ylabel("accuracy (%)")
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False)
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), frameon=False, fontsize=8)
     fig.suptitle("Toy video QA: accuracy against the video tokens kept (scripts/accuracy.py)")
-    fig.tight_layout(rect=(0, 0.05, 1, 0.97))
+    fig.tight_layout(rect=(0, 0.09, 1, 0.97))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -241,6 +271,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="clips per family when the task is written (default: %(default)s)")
     parser.add_argument("--methods", default=",".join(GROUPS),
                         help=f"comma-separated groups among {', '.join(GROUPS)} (default: all)")
+    parser.add_argument("--positions", default="both", choices=POSITIONS,
+                        help="rows of the methods before the LM: kept tokens renumbered (the public code's), at "
+                             "their uncompressed positions (keep_positions=True), or both (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=16, help="questions per generate call (default: 16)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
     parser.add_argument("--out", default="results/toy-accuracy.json", help="JSON results (default: %(default)s)")
@@ -267,13 +300,15 @@ def main(argv=None) -> int:
     rows = read_task_rows(data)
     tokenizer, model, image_processor = load_toy_model(args.model)
     videos = load_videos(rows, image_processor, SAMPLED_FRAMES)
-    methods = [m for m in method_grid() if m.group in args.groups]
+    methods = [m for m in method_grid() if m.group in args.groups
+               and (args.positions == "both" or keeps_positions(m) == (args.positions == "kept")
+                    or m.group not in PRE_LLM_GROUPS)]
     print(f"{len(rows)} clips from {data}, {len(methods)} settings, model {args.model}", flush=True)
     results = []
     for method in methods:
         result = evaluate(model, tokenizer, rows, videos, method, args.batch_size)
         results.append(result)
-        print(f"  {method.label:<28} all {result['accuracy']['all']:.1%}  "
+        print(f"  {method.label:<45} all {result['accuracy']['all']:.1%}  "
               f"({result['tokens']['per_layer']:.0f} tokens per layer, {result['seconds']:.0f} s)", flush=True)
     movement = None
     if "kv" in args.groups:

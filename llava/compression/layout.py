@@ -23,6 +23,12 @@ With a :class:`TokenSelection`:
   whatever the compressor; a selection keeping every token in original order
   (e.g. TTM with k = 0) gives the baseline grid layout.
 
+With ``keep_positions=True`` (the ``keep_positions`` setting) every layout is the uncompressed one with the dropped
+video tokens left out: kept tokens in their original order, each newline where it is without compression (grid: after
+its row), and :func:`video_token_positions` gives each token its position in the uncompressed layout, so that the
+language model sees the uncompressed sequence with the dropped tokens removed (what hiding them with the attention
+mask gives).
+
 ``newline=None`` means no newline tokens at all (``mm_patch_merge_type`` without
 ``unpad`` for one_token): the visual tokens are laid out as above without newlines.
 """
@@ -37,7 +43,7 @@ import torch
 
 from .base import TokenSelection, check_video_features
 
-__all__ = ["NEWLINE_POSITIONS", "VideoTokens", "assemble_video_tokens", "video_token_layout"]
+__all__ = ["NEWLINE_POSITIONS", "VideoTokens", "assemble_video_tokens", "video_token_layout", "video_token_positions"]
 
 NEWLINE_POSITIONS = ("one_token", "grid", "frame", "no_token")
 
@@ -61,13 +67,17 @@ def video_token_layout(
     *,
     with_newline: bool = True,
     device: torch.device | str | None = None,
+    keep_positions: bool = False,
 ) -> torch.Tensor:
     """Source of each output token: (M',) int64, an index into ``features.reshape(F * N, D)``
     or ``NEWLINE`` (-1) for a newline token. See the module docstring for the layouts.
 
     ``grid_hw`` (h, w) with h * w == N is needed for ``grid`` (default: square, h = w = sqrt(N))
-    and checked against N when given for the other positions.
+    and checked against N when given for the other positions. ``keep_positions``: the uncompressed layout less the
+    dropped tokens (see :func:`video_token_positions`).
     """
+    if keep_positions:
+        return _in_place(num_frames, tokens_per_frame, selection, position, grid_hw, with_newline, device)[0]
     if position not in NEWLINE_POSITIONS:
         raise ValueError(f"position (mm_newline_position) must be one of {NEWLINE_POSITIONS}, got {position!r}")
     h, w = _grid_shape(tokens_per_frame, grid_hw, required=position == "grid")
@@ -105,12 +115,49 @@ def video_token_layout(
     return out
 
 
+def video_token_positions(
+    num_frames: int,
+    tokens_per_frame: int,
+    selection: TokenSelection | None,
+    position: str,
+    grid_hw: tuple[int, int] | None = None,
+    *,
+    with_newline: bool = True,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, int]:
+    """(positions, span) of the ``keep_positions`` layout (``video_token_layout(..., keep_positions=True)``):
+    positions (M',) int64, each token's offset from the video's first token in the uncompressed layout (increasing);
+    span, the uncompressed layout's length (where the text after the video continues)."""
+    _, positions, span = _in_place(num_frames, tokens_per_frame, selection, position, grid_hw, with_newline, device)
+    return positions, span
+
+
+def _in_place(num_frames, tokens_per_frame, selection, position, grid_hw, with_newline, device):
+    """(sources, positions, span): the uncompressed layout with the tokens ``selection`` drops left out."""
+    if selection is not None:
+        device = selection.index.device
+    full = video_token_layout(num_frames, tokens_per_frame, None, position, grid_hw, with_newline=with_newline,
+                              device=device)
+    if selection is not None and selection.num_frames != num_frames:
+        raise ValueError(f"selection.per_frame has {selection.num_frames} frames but the features have {num_frames}")
+    if selection is None:
+        return full, torch.arange(full.numel(), device=full.device), full.numel()
+    # kept[s]: source s survives; the extra last entry is what NEWLINE (-1) indexes: newlines always survive.
+    kept = torch.zeros(num_frames * tokens_per_frame + 1, dtype=torch.bool, device=full.device)
+    kept[selection.index] = True
+    kept[-1] = True
+    positions = kept[full].nonzero().flatten()  # a host read, once per video at the prefill
+    return full[positions], positions, full.numel()
+
+
 def assemble_video_tokens(
     features: torch.Tensor,
     selection: TokenSelection | None,
     newline: torch.Tensor | None,
     position: str,
     grid_hw: tuple[int, int] | None = None,
+    *,
+    keep_positions: bool = False,
 ) -> VideoTokens:
     """Build the token sequence the LM sees for one video.
 
@@ -121,6 +168,8 @@ def assemble_video_tokens(
         newline: (D,) the ``image_newline`` embedding, or None for no newline tokens.
         position: ``mm_newline_position``, one of ``NEWLINE_POSITIONS``.
         grid_hw: (h, w) of each frame's token grid (default: square).
+        keep_positions: lay the tokens out in their uncompressed order, newlines where they are without
+            compression (their positions: :func:`video_token_positions`).
     Returns:
         ``VideoTokens(tokens, is_visual)``: (M', D) tokens in ``features``' dtype and
         device, and the (M',) bool mask that is False exactly at newline tokens.
@@ -137,6 +186,7 @@ def assemble_video_tokens(
         grid_hw,
         with_newline=newline is not None,
         device=features.device,
+        keep_positions=keep_positions,
     )
     is_visual = source != NEWLINE
     table = features.reshape(num_frames * tokens_per_frame, dim)

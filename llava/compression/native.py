@@ -14,7 +14,10 @@ The same pieces as in the LLaVA-NeXT model, applied through transformers' extens
   stay in their original order with their original multimodal RoPE positions (computed by the model on the whole
   sequence, before the hook), and decoding continues from the whole prompt's last position, as generate does. For
   LLaVA-OneVision the kept tokens come in the selection's order and the positions are renumbered, exactly as the
-  LLaVA-NeXT code (and so this package's model) builds the sequence; the video's trailing newline is always kept;
+  LLaVA-NeXT code (and so this package's model) builds the sequence, unless ``keep_positions=True``: then, as on the
+  Qwen models, the kept tokens stay in their original order at their original (1-D) positions and decoding continues
+  from the whole prompt's length. The Qwen models always keep the positions (M-RoPE; the setting changes nothing
+  there). The video's trailing newline is always kept;
 - while decoding, DyCoke's KV pruning and FastV run their :mod:`.decoding` state through forward hooks on the
   decoder layers and a cache subclass that the first forward of a generation puts in place of generate's cache
   (generate then keeps using the cache the model returns). The state lives in that cache: nothing of a generation
@@ -25,6 +28,7 @@ Images are never compressed. A batch with padding works (each row has its own se
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from contextlib import contextmanager
@@ -141,6 +145,8 @@ class NativeCompression:
     """
 
     def __init__(self, model, family: _Family, settings: CompressionSettings):
+        if settings.keep_positions and not family.keep_positions:  # LLaVA-OneVision: as the Qwen models do
+            family = dataclasses.replace(family, keep_positions=True, sorted_order=True)
         self.model, self.family, self.settings = model, family, settings
         setup = CompressionSetup.build(settings)
         self.video_compressor, self.decoder = setup.video, setup.decoder
@@ -369,8 +375,13 @@ class _Sequence:
         mask = self.mask.view(key_length, all_marked=True)
         kwargs["attention_mask"] = None if mask is None else mask.long()
         positions = kwargs.get("position_ids")
-        if not self.owner.family.keep_positions and positions is not None:
+        family = self.owner.family
+        if not family.keep_positions and positions is not None:
             kwargs["position_ids"] = positions - self.dropped
+        elif family.keep_positions and positions is None and not family.needs_grid:
+            # 1-D RoPE without explicit positions (a forward loop outside generate): the uncompressed prompt's next
+            # position, as the stock model numbers it (prompt length + steps before this one), not the cache's.
+            kwargs["position_ids"] = (self.step - 1 + self.length).expand(self.batch, 1)
 
     # ---- helpers -------------------------------------------------------------------------------------------------
 
@@ -406,7 +417,10 @@ class _Sequence:
 
     def _positions(self, positions, index: torch.Tensor, valid: torch.Tensor):
         consecutive = (valid.long().cumsum(dim=1) - 1).clamp_min(0)
-        if positions is None or not self.owner.family.keep_positions:
+        family = self.owner.family
+        if positions is None and family.keep_positions and not family.needs_grid:
+            positions = torch.arange(self.length, device=index.device)[None]  # what the stock model numbers them
+        if positions is None or not family.keep_positions:
             return consecutive  # LLaVA-NeXT's sequence: positions follow the compact order
         if positions.ndim == 2:
             return positions.expand(self.batch, -1).gather(1, index).masked_fill(~valid, 0)

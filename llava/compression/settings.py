@@ -18,25 +18,27 @@ from typing import Any
 from llava.compression import registry
 from llava.compression.registry import ALIASES, ARGUMENTS, METHODS, OWNER, Argument, method, method_names
 
-__all__ = ["CompressionSettings", "check_setting", "composes_with_kv_pruning", "compressors", "layer_arguments",
-           "method_arguments",
+__all__ = ["KEEP_POSITIONS", "CompressionSettings", "check_setting", "composes_with_kv_pruning", "compressors",
+           "layer_arguments", "method_arguments",
            "parse_setting", "pop_compression_kwargs", "setting_names", "settings_from_kwargs"]
 
 
 class CompressionSettings:
     """The compression a model applies: ``compressor``, whether DyCoke's KV pruning follows a pre-LLM method
-    (``kv_pruning``, see :func:`settings_from_kwargs`) and the value of every registered method's arguments
+    (``kv_pruning``, see :func:`settings_from_kwargs`), whether the video tokens a pre-LLM method keeps keep their
+    uncompressed positions (``keep_positions``, a public flag of every method) and the value of every registered
+    method's arguments
     (immutable; ``replace`` makes a changed copy). Build it with :func:`settings_from_kwargs` (validated); read a
     value as an attribute (``settings.dycoke_p``)."""
 
     __slots__ = ("_values",)
 
-    def __init__(self, compressor: str = "none", kv_pruning: bool = False, **values: Any):
+    def __init__(self, compressor: str = "none", kv_pruning: bool = False, keep_positions: bool = False, **values: Any):
         defaults = {name: argument.default for name, argument in ARGUMENTS.items()}
         unknown = sorted(set(values) - set(defaults))
         if unknown:
             raise TypeError(f"CompressionSettings got unknown argument(s) {unknown}")
-        core = {"compressor": compressor, "kv_pruning": kv_pruning}
+        core = {"compressor": compressor, "kv_pruning": kv_pruning, "keep_positions": keep_positions}
         object.__setattr__(self, "_values", MappingProxyType({**core, **defaults, **values}))
 
     def __getattr__(self, name: str) -> Any:
@@ -84,12 +86,20 @@ def method_arguments(name: str) -> tuple[str, ...]:
 
 
 def setting_names() -> tuple[str, ...]:
-    """Every name a compression setting may be given by: ``compressor``, ``dycoke``, the arguments, the aliases."""
-    return ("compressor", "dycoke", *ARGUMENTS, *ALIASES)
+    """Every name a compression setting may be given by: ``compressor``, ``dycoke``, ``keep_positions``, the
+    arguments, the aliases."""
+    return ("compressor", "dycoke", "keep_positions", *ARGUMENTS, *ALIASES)
 
 
 # ``dycoke=True`` is the DyCoke paper's spelling of ``compressor="dycoke"``.
 _DYCOKE_FLAG = Argument("dycoke", False, "flag", "the same as compressor='dycoke'")
+# Not a method's argument: it applies to whichever pre-LLM method is selected (and changes nothing without one).
+KEEP_POSITIONS = Argument(
+    "keep_positions", False, "flag",
+    "the video tokens a pre-LLM method keeps keep their uncompressed positions (RoPE), in their original order, "
+    "newlines and later text too, and decoding continues at the uncompressed length (default: off, renumbered "
+    "as the public methods do)",
+)
 
 
 def check_setting(name: str, value: Any, num_layers: int | None = None) -> Any:
@@ -106,6 +116,8 @@ def check_setting(name: str, value: Any, num_layers: int | None = None) -> Any:
         return choice
     if name == "dycoke":
         return _DYCOKE_FLAG.check(value)
+    if name == "keep_positions":
+        return KEEP_POSITIONS.check(value)
     if name not in ARGUMENTS:
         raise ValueError(f"Unknown compression argument {name!r}; valid: {', '.join(sorted(setting_names()))}.")
     return registry.check_setting(name, value, num_layers)
@@ -117,7 +129,7 @@ def layer_arguments() -> tuple[str, ...]:
 
 
 def _is_flag(name: str) -> bool:
-    return name == "dycoke" or (name in ARGUMENTS and ARGUMENTS[name].within == BOOLEAN)
+    return name in ("dycoke", "keep_positions") or (name in ARGUMENTS and ARGUMENTS[name].within == BOOLEAN)
 
 
 def parse_setting(name: str, value: Any) -> Any:

@@ -7,6 +7,9 @@
   attended by the last prompt token are dropped for all later layers and for decoding;
 - ``none``: the baseline.
 
+``keep_positions=True`` (any pre-LLM method) keeps each kept video token at its uncompressed position instead of
+packing the kept tokens together (see :meth:`CompressionMixin.keep_video_positions`).
+
 The arguments are attributes of the model, settable between ``generate`` calls (``model.dycoke_p = 0.5``): a
 change is validated and everything it needs is built before anything changes, so a rejected value leaves the model
 as it was. The model holds only the settings and the method objects built from them (immutable); what one
@@ -89,6 +92,12 @@ class CompressionMixin:
 
     def video_compressor(self) -> VideoTokenCompressor | None:
         return self._setup.video
+
+    def keep_video_positions(self) -> bool:
+        """``keep_positions``: the video tokens the pre-LLM method keeps stay at their uncompressed positions (and in
+        their original order); the text after a video and decoding continue at the uncompressed length. Nothing
+        changes without a pre-LLM method (``none``, ``fastv``, DyCoke with ``dycoke_k=0``)."""
+        return self.compression.keep_positions and self._setup.video is not None
 
     @property
     def decode_compressor(self) -> DecodeCompressor | None:

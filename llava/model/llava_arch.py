@@ -5,8 +5,11 @@
 prompt where ``IMAGE_TOKEN_INDEX`` placeholders sit (``prepare_inputs_labels_for_multimodal``).
 
 Video path: frames -> tower -> projector -> 2D pooling per frame -> (optional video-token compressor)
--> layout with newline tokens (``mm_newline_position``). Image path: anyres tiles with unpadding and
-per-row newlines, or a single image followed by one newline.
+-> layout with newline tokens (``mm_newline_position``). Positions: consecutive over the spliced prompt (the kept
+video tokens packed together, as LLaVA-NeXT does), or with ``keep_video_positions()`` (the ``keep_positions``
+setting) each token's position in the uncompressed prompt: kept video tokens and newlines at their source positions,
+the text after a video where it would be; ``generate`` then passes them and decoding continues after the last one.
+Image path: anyres tiles with unpadding and per-row newlines, or a single image followed by one newline.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch
 from torch import nn
 
 from llava.compression.base import TokenSelection
-from llava.compression.layout import assemble_video_tokens
+from llava.compression.layout import assemble_video_tokens, video_token_positions
 from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from llava.mm_utils import get_anyres_image_grid_shape
 from llava.model.projector import build_vision_projector
@@ -81,7 +84,7 @@ class MultimodalInputs:
 
     inputs_embeds: torch.Tensor  # (B, S, hidden)
     attention_mask: torch.Tensor  # (B, S) bool
-    position_ids: torch.Tensor  # (B, S)
+    position_ids: torch.Tensor  # (B, S): consecutive per row, or the uncompressed positions (keep_positions)
     labels: torch.Tensor  # (B, S)
     video_token_mask: torch.Tensor  # (B, S) bool: True at video feature tokens (not newlines)
     visual_token_count: int  # all visual tokens (image and video, newlines included) over the batch
@@ -94,6 +97,9 @@ class VideoRecord:
 
     pooled: torch.Tensor  # (F, N, D)
     selection: TokenSelection | None
+    # keep_positions: each token's offset in the uncompressed layout and that layout's length (None: consecutive)
+    positions: torch.Tensor | None = None
+    span: int | None = None
 
     @property
     def tokens_before(self) -> int:
@@ -155,12 +161,23 @@ class LlavaMetaForCausalLM:
         newline = None if without_newline else self.get_model().image_newline
         compressor = self.video_compressor()
         selection = compressor.select(pooled) if compressor is not None else None
-        tokens, video_mask = assemble_video_tokens(pooled, selection, newline, position, (side, side))
-        return tokens, video_mask, VideoRecord(pooled.detach(), selection)
+        keep = selection is not None and self.keep_video_positions()
+        tokens, video_mask = assemble_video_tokens(pooled, selection, newline, position, (side, side), keep_positions=keep)
+        record = VideoRecord(pooled.detach(), selection)
+        if keep:
+            record.positions, record.span = video_token_positions(
+                pooled.shape[0], pooled.shape[1], selection, position, (side, side), with_newline=newline is not None
+            )
+        return tokens, video_mask, record
 
     def video_compressor(self):
         """The compressor applied to pooled video features before the LM, or None. Overridden when compression is on."""
         return None
+
+    def keep_video_positions(self) -> bool:
+        """Whether kept video tokens keep their uncompressed positions (``keep_positions``). Overridden by the
+        compression mixin."""
+        return False
 
     def _multimodal_inputs_built(self, mm: MultimodalInputs) -> None:
         """Hook called with every spliced prompt (statistics, tracing: see the compression mixin)."""
@@ -250,28 +267,38 @@ class LlavaMetaForCausalLM:
         visual = self.encode_visual_items(images, modalities, image_sizes) if num_items else []
 
         embed = self.get_model().embed_tokens
-        rows, row_labels, row_video = [], [], []
+        rows, row_labels, row_video, row_positions = [], [], [], []
         item = 0
         for ids, mask, row_label in zip(input_ids, attention_mask, labels):
             ids, row_label = ids[mask], row_label[mask]
             cuts = torch.nonzero(ids == IMAGE_TOKEN_INDEX).flatten().tolist()
             bounds = [-1] + cuts + [ids.shape[0]]
             text = embed(ids.masked_fill(ids == IMAGE_TOKEN_INDEX, 0))
-            pieces, piece_labels, piece_video = [], [], []
+            pieces, piece_labels, piece_video, piece_positions = [], [], [], []
+            offset = 0  # the position of the next token (the uncompressed count so far with keep_positions)
             for i in range(len(bounds) - 1):
                 start, stop = bounds[i] + 1, bounds[i + 1]
                 pieces.append(text[start:stop])
                 piece_labels.append(row_label[start:stop])
                 piece_video.append(torch.zeros(stop - start, dtype=torch.bool, device=device))
+                piece_positions.append(torch.arange(offset, offset + stop - start, device=device))
+                offset += stop - start
                 if i < len(cuts):
-                    tokens, video_mask, _ = visual[item]
+                    tokens, video_mask, record = visual[item]
                     item += 1
                     pieces.append(tokens.to(device=device, dtype=text.dtype))
                     piece_labels.append(torch.full((tokens.shape[0],), IGNORE_INDEX, dtype=row_label.dtype, device=device))
                     piece_video.append(video_mask.to(device))
+                    if record is not None and record.positions is not None:  # keep_positions: uncompressed places
+                        piece_positions.append(record.positions.to(device) + offset)
+                        offset += record.span
+                    else:
+                        piece_positions.append(torch.arange(offset, offset + tokens.shape[0], device=device))
+                        offset += tokens.shape[0]
             rows.append(torch.cat(pieces))
             row_labels.append(torch.cat(piece_labels))
             row_video.append(torch.cat(piece_video))
+            row_positions.append(torch.cat(piece_positions))
 
         limit = getattr(self.config, "tokenizer_model_max_length", None)
         if limit is not None and max(r.shape[0] for r in rows) > limit:
@@ -279,8 +306,10 @@ class LlavaMetaForCausalLM:
                 "A multimodal prompt has %d tokens, more than tokenizer_model_max_length=%d: it is truncated as "
                 "LLaVA-NeXT does. Use fewer frames or a smaller image.", max(r.shape[0] for r in rows), limit
             )
-            rows, row_labels, row_video = ([x[:limit] for x in seq] for seq in (rows, row_labels, row_video))
-        mm = _pad_rows(rows, row_labels, row_video, padding_side, sum(item[0].shape[0] for item in visual))
+            rows, row_labels, row_video, row_positions = (
+                [x[:limit] for x in seq] for seq in (rows, row_labels, row_video, row_positions)
+            )
+        mm = _pad_rows(rows, row_labels, row_video, row_positions, padding_side, sum(item[0].shape[0] for item in visual))
         mm.videos = [record for _, _, record in visual if record is not None]
         self._multimodal_inputs_built(mm)
         return mm
@@ -293,10 +322,12 @@ class LlavaMetaForCausalLM:
             return input_ids, position_ids, attention_mask, past_key_values, None, labels
         side = getattr(self.config, "tokenizer_padding_side", "right")
         mm = self.build_multimodal_inputs(input_ids, attention_mask, labels, images, modalities, image_sizes, side)
+        keep = self.keep_video_positions()  # the positions are the prompt's own: always passed, with the mask
+        mask_dtype = attention_mask.dtype if attention_mask is not None else torch.long
         return (
             None,
-            mm.position_ids if position_ids is not None else None,
-            mm.attention_mask.to(attention_mask.dtype) if attention_mask is not None else None,
+            mm.position_ids if position_ids is not None or keep else None,
+            mm.attention_mask.to(mask_dtype) if attention_mask is not None or keep else None,
             past_key_values,
             mm.inputs_embeds,
             mm.labels if labels is not None else None,
@@ -363,7 +394,7 @@ def _check_pixels(items: list[torch.Tensor], modalities: list[str], image_size: 
         raise ValueError(f"{kinds[index]} {index} has NaN or infinite pixel values. {fixes[kinds[index]]}")
 
 
-def _pad_rows(rows, row_labels, row_video, padding_side: str, visual_count: int) -> MultimodalInputs:
+def _pad_rows(rows, row_labels, row_video, row_positions, padding_side: str, visual_count: int) -> MultimodalInputs:
     batch, longest = len(rows), max(r.shape[0] for r in rows)
     first = rows[0]
     embeds = first.new_zeros((batch, longest, first.shape[-1]))
@@ -371,10 +402,9 @@ def _pad_rows(rows, row_labels, row_video, padding_side: str, visual_count: int)
     positions = torch.zeros((batch, longest), dtype=torch.long, device=first.device)
     labels = torch.full((batch, longest), IGNORE_INDEX, dtype=row_labels[0].dtype, device=first.device)
     video = torch.zeros((batch, longest), dtype=torch.bool, device=first.device)
-    for i, (row, label, vid) in enumerate(zip(rows, row_labels, row_video)):
+    for i, (row, label, vid, position) in enumerate(zip(rows, row_labels, row_video, row_positions)):
         n = row.shape[0]
         span = slice(longest - n, longest) if padding_side == "left" else slice(0, n)
-        embeds[i, span], labels[i, span], video[i, span] = row, label, vid
+        embeds[i, span], labels[i, span], video[i, span], positions[i, span] = row, label, vid, position
         attention[i, span] = True
-        positions[i, span] = torch.arange(n, device=first.device)
     return MultimodalInputs(embeds, attention, positions, labels, video, visual_count)

@@ -129,7 +129,8 @@ class LlavaQwenForCausalLM(CompressionMixin, Qwen2ForCausalLM, LlavaMetaForCausa
         """LLaVA-NeXT's generate: ``inputs`` are token ids with ``IMAGE_TOKEN_INDEX`` placeholders.
 
         The prompt goes in as embeddings, so the returned ids hold only the new tokens (as in LLaVA-NeXT).
-        Rows are re-padded on the left, whatever padding the caller used.
+        Rows are re-padded on the left, whatever padding the caller used. With ``keep_positions`` the prompt's
+        positions are the uncompressed ones (``build_multimodal_inputs``) and decoding continues after them.
         """
         if "inputs_embeds" in kwargs:
             raise NotImplementedError("Pass token ids (with <image> placeholders) and images, not inputs_embeds.")
@@ -147,6 +148,9 @@ class LlavaQwenForCausalLM(CompressionMixin, Qwen2ForCausalLM, LlavaMetaForCausa
         if cache is not None:
             pop_cache_argument(kwargs)
             kwargs[CACHE_ARG] = cache
+        if self.keep_video_positions():
+            # Each prompt token at its uncompressed position; generate continues each row from its last one + 1.
+            kwargs["position_ids"] = mm.position_ids
         output = super().generate(inputs_embeds=mm.inputs_embeds, attention_mask=mm.attention_mask.long(), **kwargs)
         self._generation_done(cache)
         return output
