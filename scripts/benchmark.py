@@ -109,6 +109,9 @@ METHODS = {
     "dycoke-ttm": {"compressor": "dycoke", "dycoke_k": 0.7, "dycoke_l": 3, "dycoke_p": 0.0},
     "vidcom2": {"compressor": "vidcom2", "vidcom2_r": 0.25},
     "fastv": {"compressor": "fastv", "fastv_k": 2, "fastv_r": 0.5},
+    # keep_positions: the same methods with the kept video tokens at their uncompressed positions (its cost).
+    "dycoke-kept": {"compressor": "dycoke", "dycoke_k": 0.7, "dycoke_l": 3, "dycoke_p": 0.7, "keep_positions": True},
+    "dycoke-ttm-kept": {"compressor": "dycoke", "dycoke_k": 0.7, "dycoke_l": 3, "dycoke_p": 0.0, "keep_positions": True},
     "evs": {"compressor": "evs", "evs_rate": 0.75},
     # EVS followed by DyCoke's KV pruning (composition): against "evs", what the pruning does to a decode step.
     "evs-kv": {"compressor": "evs", "evs_rate": 0.75, "dycoke_l": 3, "dycoke_p": 0.7},

@@ -23,6 +23,14 @@ def load_script(name: str):
     return module
 
 
+@pytest.fixture(scope="module", autouse=True)
+def fresh_compile_caches():
+    """Each test module compiles from scratch: torch.compile's per-code-object cache (8 entries) is shared by every
+    model in the process, so modules that compile several models would otherwise fail by the order they run in."""
+    torch._dynamo.reset()
+    yield
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """LLaVA-OV layout (one_token newline, bilinear pooling, tied embeddings), sharded safetensors."""

@@ -50,6 +50,16 @@ def compile_config() -> CompileConfig:
     return config
 
 
+def cache_variants() -> dict[str, dict]:
+    """The three ways a generation may run, as generate's keyword arguments: dynamic cache, static cache, static
+    cache with compiled decoding (a CompileConfig of its own per call: test modules do not share compiled code)."""
+    return {
+        "dynamic": {},
+        "static": {"cache_implementation": "static"},
+        "static-compiled": {"cache_implementation": "static", "compile_config": compile_config()},
+    }
+
+
 def greedy(model, tokenizer, ids, videos, steps: int, **kwargs):
     """(new tokens (B, steps), logits (B, steps, vocab)) of a greedy generate with exactly ``steps`` tokens."""
     output = model.generate(

@@ -10,17 +10,25 @@ import pytest
 import torch
 
 from llava.compression.dycoke_kv import DyCokeKV
-from llava.compression.settings import composes_with_kv_pruning, compressors, settings_from_kwargs
+from llava.compression.settings import (
+    composes_with_kv_pruning,
+    compressors,
+    settings_from_kwargs,
+)
 from tests.conftest import random_video
-from tests.references import MaskedDyCoke, compile_config, greedy, load, prompt, scale_attention_logits, video_positions
+from tests.references import (
+    MaskedDyCoke,
+    cache_variants,
+    greedy,
+    load,
+    prompt,
+    scale_attention_logits,
+    video_positions,
+)
 
 LAYER, RATIO, STEPS = 2, 0.7, 10
 PRE_LLM = {"evs": {"evs_rate": 0.5}, "vidcom2": {"vidcom2_r": 0.5}}
-VARIANTS = {
-    "dynamic": {},
-    "static": {"cache_implementation": "static"},
-    "static-compiled": {"cache_implementation": "static", "compile_config": compile_config()},
-}
+VARIANTS = cache_variants()
 
 
 def test_every_pre_llm_method_composes_and_the_others_do_not():

@@ -22,7 +22,7 @@ from llava.transformers_compat import output_cache
 from tests.conftest import random_video
 from tests.references import (
     MaskedDyCoke,
-    compile_config,
+    cache_variants,
     load,
     prompt,
     scale_attention_logits,
@@ -30,11 +30,7 @@ from tests.references import (
 from tests.test_ttm import EXPECTED_PRUNED
 
 RATIO, MERGE = 0.7, 0.7
-VARIANTS = {
-    "dynamic": {},
-    "static": {"cache_implementation": "static"},
-    "static-compiled": {"cache_implementation": "static", "compile_config": compile_config()},
-}
+VARIANTS = cache_variants()
 
 
 @pytest.fixture(scope="module")

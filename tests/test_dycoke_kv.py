@@ -24,7 +24,7 @@ from tests.conftest import random_video
 from tests.references import (
     HostReads,
     MaskedDyCoke,
-    compile_config,
+    cache_variants,
     greedy,
     load,
     prompt,
@@ -36,11 +36,7 @@ LAYER, RATIO, STEPS, FRAMES = 2, 0.7, 12, 8
 # attention-logit scale and video seed of each regime (found by running them: see the regime assertions), with
 # clear margins at the active set's boundary (tests/references.py MaskedDyCoke.margins)
 REGIMES = {"kept": (0.1, 0), "mixed": (0.36, 6), "changing": (1.0, 6)}
-VARIANTS = {
-    "dynamic": {},
-    "static": {"cache_implementation": "static"},
-    "static-compiled": {"cache_implementation": "static", "compile_config": compile_config()},
-}
+VARIANTS = cache_variants()
 
 
 @dataclass

@@ -8,14 +8,18 @@ import torch
 
 from llava.model import compression_mixin
 from tests.conftest import random_video
-from tests.references import HiddenFastV, HostReads, compile_config, greedy, load, prompt, video_positions
+from tests.references import (
+    HiddenFastV,
+    HostReads,
+    cache_variants,
+    greedy,
+    load,
+    prompt,
+    video_positions,
+)
 
 LAYER, RATIO, STEPS, FRAMES = 2, 0.5, 8, 8
-VARIANTS = {
-    "dynamic": {},
-    "static": {"cache_implementation": "static"},
-    "static-compiled": {"cache_implementation": "static", "compile_config": compile_config()},
-}
+VARIANTS = cache_variants()
 
 
 @pytest.fixture(scope="module")

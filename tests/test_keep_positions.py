@@ -19,7 +19,12 @@ import torch
 from transformers import DynamicCache
 
 from llava.compression.registry import METHODS, method_names
-from llava.compression.settings import CompressionSettings, parse_setting, setting_names, settings_from_kwargs
+from llava.compression.settings import (
+    CompressionSettings,
+    parse_setting,
+    setting_names,
+    settings_from_kwargs,
+)
 from llava.constants import IMAGE_TOKEN_INDEX
 from llava.conversation import conv_templates
 from llava.mm_utils import tokenizer_image_token
@@ -29,18 +34,14 @@ from tests.conftest import random_video
 from tests.references import (
     HostReads,
     MaskedDyCoke,
-    compile_config,
+    cache_variants,
     greedy,
     load,
     prompt,
 )
 
 STEPS = 6
-VARIANTS = {
-    "dynamic": {},
-    "static": {"cache_implementation": "static"},
-    "static-compiled": {"cache_implementation": "static", "compile_config": compile_config()},
-}
+VARIANTS = cache_variants()
 LAYOUTS = ("one_token", "grid", "frame")
 SEEDS = (9, 10, 11, 12, 13, 14)
 
