@@ -127,14 +127,16 @@ class Reference:
         assert reference.video_compressor() is None and not mm.attention_mask.logical_not().any()
         self.embeds = mm.inputs_embeds.clone()
         video_columns = mm.video_token_mask[0].nonzero().flatten()  # the baseline layout: source order per video
-        compressor = model.video_compressor()
+        # The method's own choice on these videos (what it keeps is each method's own test's business; here, where
+        # its tokens go): as the compressed model recorded it, with whatever inputs the method reads.
+        selections = [video.selection for video in
+                      model.build_multimodal_inputs(ids, None, None, images, modalities, None, padding_side="left").videos]
         hidden = torch.zeros(self.embeds.shape[1], dtype=torch.bool)
         start = 0
         self.kept_video = []
-        for record in mm.videos:
+        for record, selection in zip(mm.videos, selections):
             columns = video_columns[start : start + record.tokens_before]
             start += record.tokens_before
-            selection = compressor.select(record.pooled)
             kept = columns[selection.index]
             if selection.values is not None:  # a merging method: its merged values at the kept tokens
                 self.embeds[0, kept] = selection.values.to(self.embeds.dtype)

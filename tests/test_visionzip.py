@@ -273,3 +273,37 @@ def test_layout_places_merged_values(position):
         torch.testing.assert_close(kept, sel.values[order])
     else:
         torch.testing.assert_close(kept, sel.values)
+
+
+def test_the_llava_model_scores_with_its_towers_last_layer_and_keeps_the_references_tokens(loaded_tiny):
+    """Inside the model: the attention and keys of the tower's last kept layer (for the frames' own input), pooled as
+    the features are, reach VisionZip; the trace records the reference's choice and the tower's output is unchanged."""
+    from llava.compression.visionzip import siglip_attention_scores
+    from tests.conftest import random_video
+    from tests.test_conformance import prompt_ids
+
+    tokenizer, model, _, _ = loaded_tiny
+    video = random_video(6, model.get_vision_tower().image_size, seed=60)
+    layer = model.get_vision_tower().vision_tower.vision_model.encoder.layers[-1]
+    inputs = []
+
+    def record_input(module, args, kwargs):
+        inputs.append(args[0] if args else kwargs["hidden_states"])
+
+    handle = layer.register_forward_pre_hook(record_input, with_kwargs=True)
+    try:
+        plain = model.encode_images(video)
+        model.configure_compression(compressor="visionzip", visionzip_dominant=3, visionzip_contextual=2)
+        with model.compression_trace() as trace:
+            model.generate(prompt_ids(tokenizer, "What is moving?"), images=[video], modalities=["video"],
+                           max_new_tokens=2, do_sample=False)
+    finally:
+        handle.remove()
+        model.reset_compression()
+    attention, keys = siglip_attention_scores(layer, inputs[0])
+    pooled_attention = model.get_2dPool(attention[..., None])[..., 0]
+    pooled_keys = model.get_2dPool(keys)
+    index, per_frame, values = reference_visionzip(trace.pooled, pooled_attention, pooled_keys, 3, 2)
+    assert trace.selection.index.tolist() == index and trace.selection.per_frame.tolist() == per_frame
+    torch.testing.assert_close(trace.selection.values.double(), torch.as_tensor(values).double(), rtol=1e-5, atol=1e-5)
+    assert torch.equal(model.encode_images(video), plain)  # recording changed nothing

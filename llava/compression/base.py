@@ -69,6 +69,10 @@ class VideoTokenCompressor(ABC):
     """A training-free compressor of one video's pooled frame tokens."""
 
     name: str
+    # A method that scores tokens with the vision tower's attention (VisionZip) sets this: ``select`` then also gets
+    # ``attention=`` (F, N), the attention each pooled token receives in the tower's last layer, and ``keys=``
+    # (F, N, head_dim), that layer's keys, both pooled like the features (llava.model.llava_arch).
+    needs_tower_attention: bool = False
 
     @abstractmethod
     def select(self, features: torch.Tensor) -> TokenSelection:

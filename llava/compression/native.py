@@ -149,6 +149,12 @@ class NativeCompression:
             family = dataclasses.replace(family, keep_positions=True, sorted_order=True)
         self.model, self.family, self.settings = model, family, settings
         setup = CompressionSetup.build(settings)
+        if setup.video is not None and setup.video.needs_tower_attention:
+            raise ValueError(
+                f"compressor={settings.compressor!r} scores tokens with the vision tower's attention, which "
+                f"{type(model).__name__} does not hand to compressors here; it runs on the LLaVA-OneVision / "
+                "LLaVA-Video checkpoints loaded with llava.model.builder.load_pretrained_model."
+            )
         self.video_compressor, self.decoder = setup.video, setup.decoder
         self.language_model = model.model.language_model
         self.video_token_id = _video_token_id(model.config)

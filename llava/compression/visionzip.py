@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import TokenSelection, VideoTokenCompressor, check_video_features
-from .registry import Argument
+from .registry import Argument, Stages, register
 
 __all__ = ["VISIONZIP_ARGUMENTS", "VisionZip", "record_siglip_attention", "siglip_attention_scores"]
 
@@ -69,6 +69,7 @@ class VisionZip(VideoTokenCompressor):
     """
 
     name = "visionzip"
+    needs_tower_attention = True
 
     def __init__(self, dominant: int = 42, contextual: int = 8) -> None:
         self.dominant = _ARGUMENTS["visionzip_dominant"].check(dominant)
@@ -196,3 +197,13 @@ def _per_frame(num_frames: int, count: int, device: torch.device) -> torch.Tenso
 
 def _shape(value: Any) -> str:
     return f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else repr(type(value).__name__)
+
+
+@register(
+    "visionzip",
+    *VISIONZIP_ARGUMENTS,
+    summary="VisionZip: per frame, the tokens the vision tower attends to most plus merged contextual tokens",
+    examples=({"visionzip_dominant": 4, "visionzip_contextual": 3}, {"visionzip_dominant": 1, "visionzip_contextual": 1}),
+)
+def build(settings) -> Stages:
+    return Stages(video=VisionZip(settings.visionzip_dominant, settings.visionzip_contextual))

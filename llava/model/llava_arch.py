@@ -148,8 +148,20 @@ class LlavaMetaForCausalLM:
             raise ValueError(f"Unknown mm_spatial_pool_mode {mode!r}; allowed: {', '.join(POOL_MODES)}.")
         return pooled.permute(0, 2, 3, 1).reshape(frames, -1, dim)
 
-    def _video_tokens(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, VideoRecord]:
-        """Projected frame features (F, patches, D) -> (tokens (M, D), video-token mask (M,), record)."""
+    def _encode_with_tower_attention(self, pixels: torch.Tensor, sizes: list[int]):
+        """``encode_images`` that also records, per item, the tower's last-layer attention and keys that a compressor
+        such as VisionZip scores with (a forward pre-hook that changes nothing, removed after)."""
+        from llava.compression.visionzip import record_siglip_attention
+
+        last_layer = self.get_vision_tower().vision_tower.vision_model.encoder.layers[-1]
+        with record_siglip_attention(last_layer) as records:
+            features = self.encode_images(pixels)
+        attention, keys = records[0]
+        return features, list(zip(attention.split(sizes), keys.split(sizes)))
+
+    def _video_tokens(self, features: torch.Tensor, tower_attention=None) -> tuple[torch.Tensor, torch.Tensor, VideoRecord]:
+        """Projected frame features (F, patches, D) -> (tokens (M, D), video-token mask (M,), record).
+        ``tower_attention``: (attention (F, patches), keys (F, patches, head_dim)) for a compressor that needs them."""
         pooled = self.get_2dPool(features)
         side = math.isqrt(pooled.shape[1])
         position = getattr(self.config, "mm_newline_position", "one_token")
@@ -160,7 +172,14 @@ class LlavaMetaForCausalLM:
         without_newline = merge_type == "flat" or (position == "one_token" and "unpad" not in merge_type)
         newline = None if without_newline else self.get_model().image_newline
         compressor = self.video_compressor()
-        selection = compressor.select(pooled) if compressor is not None else None
+        if compressor is None:
+            selection = None
+        elif compressor.needs_tower_attention:  # pooled like the features, as the public adaptation does
+            attention, keys = tower_attention
+            pooled_attention = self.get_2dPool(attention[..., None].to(pooled.dtype))[..., 0]
+            selection = compressor.select(pooled, attention=pooled_attention, keys=self.get_2dPool(keys.to(pooled.dtype)))
+        else:
+            selection = compressor.select(pooled)
         keep = selection is not None and self.keep_video_positions()
         tokens, video_mask = assemble_video_tokens(pooled, selection, newline, position, (side, side), keep_positions=keep)
         record = VideoRecord(pooled.detach(), selection)
@@ -226,12 +245,17 @@ class LlavaMetaForCausalLM:
         modalities = _expand_modalities(modalities, len(items))
         tower = self.get_vision_tower()
         _check_pixels(items, modalities, tower.image_size)
-        features = self.encode_images(torch.cat(items))
-        features = torch.split(features, [item.shape[0] for item in items])
+        sizes = [item.shape[0] for item in items]
+        compressor = self.video_compressor()
+        if compressor is not None and compressor.needs_tower_attention and "video" in modalities:
+            features, tower_attention = self._encode_with_tower_attention(torch.cat(items), sizes)
+        else:
+            features, tower_attention = self.encode_images(torch.cat(items)), [None] * len(items)
+        features = torch.split(features, sizes)
         results = []
         for index, (feature, modality) in enumerate(zip(features, modalities)):
             if modality == "video":
-                results.append(self._video_tokens(feature))
+                results.append(self._video_tokens(feature, tower_attention[index]))
             else:
                 size = image_sizes[index] if image_sizes is not None and index < len(image_sizes) else None
                 tokens = self._image_tokens(feature, size)
