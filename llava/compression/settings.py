@@ -19,21 +19,21 @@ from llava.compression import registry
 from llava.compression.registry import ALIASES, ARGUMENTS, METHODS, OWNER, Argument, method, method_names
 
 __all__ = ["KEEP_POSITIONS", "CompressionSettings", "check_setting", "composes_with_kv_pruning", "compressors",
-           "layer_arguments", "method_arguments",
-           "parse_setting", "pop_compression_kwargs", "setting_names", "settings_from_kwargs"]
+           "layer_arguments", "method_arguments", "parse_setting", "pop_compression_kwargs", "setting_names",
+           "settings_from_kwargs"]
 
 
 class CompressionSettings:
     """The compression a model applies: ``compressor``, whether DyCoke's KV pruning follows a pre-LLM method
     (``kv_pruning``, see :func:`settings_from_kwargs`), whether the video tokens a pre-LLM method keeps keep their
     uncompressed positions (``keep_positions``, a public flag of every method) and the value of every registered
-    method's arguments
-    (immutable; ``replace`` makes a changed copy). Build it with :func:`settings_from_kwargs` (validated); read a
-    value as an attribute (``settings.dycoke_p``)."""
+    method's arguments (immutable; ``replace`` makes a changed copy). Build it with :func:`settings_from_kwargs`
+    (validated); read a value as an attribute (``settings.dycoke_p``)."""
 
     __slots__ = ("_values",)
 
-    def __init__(self, compressor: str = "none", kv_pruning: bool = False, keep_positions: bool = False, **values: Any):
+    def __init__(self, compressor: str = "none", kv_pruning: bool = False, keep_positions: bool = False,
+                 **values: Any):
         defaults = {name: argument.default for name, argument in ARGUMENTS.items()}
         unknown = sorted(set(values) - set(defaults))
         if unknown:
