@@ -44,7 +44,7 @@ WATCHED = ("transformers", "tokenizers", "huggingface-hub", "accelerate", "kerne
 # with DyCoke) plus the native wrappers: an explicit, smaller set than the suite, so CI stays short.
 CANARY_TESTS = ("tests/test_transformers_compat.py", "tests/test_conformance.py", "tests/test_dycoke_kv.py",
                 "tests/test_fastv.py", "tests/test_dycoke_model.py", "tests/test_compressors_model.py",
-                "tests/test_every_method.py", "tests/test_ttm.py", "tests/test_vidcom2.py", "tests/test_layout.py",
+                "tests/test_ttm.py", "tests/test_vidcom2.py", "tests/test_layout.py",
                 "tests/test_builder.py", "tests/test_native_models.py", "tests/test_lmms_eval_native.py",
                 "tests/test_lmms_eval.py::test_docs_cpu_smoke_recipe_runs_eval_sh",
                 "tests/test_lmms_eval.py::test_python_m_lmms_eval_llava_vid_with_dycoke")
