@@ -43,7 +43,8 @@ import torch
 
 from .base import TokenSelection, check_video_features
 
-__all__ = ["NEWLINE_POSITIONS", "VideoTokens", "assemble_video_tokens", "video_token_layout", "video_token_positions"]
+__all__ = ["NEWLINE_POSITIONS", "VideoTokens", "assemble_video_tokens", "assemble_video_tokens_in_place",
+           "video_token_layout"]
 
 NEWLINE_POSITIONS = ("one_token", "grid", "frame", "no_token")
 
@@ -74,7 +75,7 @@ def video_token_layout(
 
     ``grid_hw`` (h, w) with h * w == N is needed for ``grid`` (default: square, h = w = sqrt(N))
     and checked against N when given for the other positions. ``keep_positions``: the uncompressed layout less the
-    dropped tokens (see :func:`video_token_positions`).
+    dropped tokens (see :func:`assemble_video_tokens_in_place`).
     """
     if keep_positions:
         return _in_place(num_frames, tokens_per_frame, selection, position, grid_hw, with_newline, device)[0]
@@ -115,23 +116,6 @@ def video_token_layout(
     return out
 
 
-def video_token_positions(
-    num_frames: int,
-    tokens_per_frame: int,
-    selection: TokenSelection | None,
-    position: str,
-    grid_hw: tuple[int, int] | None = None,
-    *,
-    with_newline: bool = True,
-    device: torch.device | str | None = None,
-) -> tuple[torch.Tensor, int]:
-    """(positions, span) of the ``keep_positions`` layout (``video_token_layout(..., keep_positions=True)``):
-    positions (M',) int64, each token's offset from the video's first token in the uncompressed layout (increasing);
-    span, the uncompressed layout's length (where the text after the video continues)."""
-    _, positions, span = _in_place(num_frames, tokens_per_frame, selection, position, grid_hw, with_newline, device)
-    return positions, span
-
-
 def _in_place(num_frames, tokens_per_frame, selection, position, grid_hw, with_newline, device):
     """(sources, positions, span): the uncompressed layout with the tokens ``selection`` drops left out."""
     if selection is not None:
@@ -169,25 +153,48 @@ def assemble_video_tokens(
         position: ``mm_newline_position``, one of ``NEWLINE_POSITIONS``.
         grid_hw: (h, w) of each frame's token grid (default: square).
         keep_positions: lay the tokens out in their uncompressed order, newlines where they are without
-            compression (their positions: :func:`video_token_positions`).
+            compression (with their positions: :func:`assemble_video_tokens_in_place`).
     Returns:
         ``VideoTokens(tokens, is_visual)``: (M', D) tokens in ``features``' dtype and
         device, and the (M',) bool mask that is False exactly at newline tokens.
     """
+    if keep_positions:
+        return assemble_video_tokens_in_place(features, selection, newline, position, grid_hw)[0]
+    num_frames, tokens_per_frame, _ = _check_inputs(features, newline)
+    source = video_token_layout(
+        num_frames, tokens_per_frame, selection, position, grid_hw, with_newline=newline is not None,
+        device=features.device,
+    )
+    return _gathered(features, selection, newline, source)
+
+
+def assemble_video_tokens_in_place(
+    features: torch.Tensor,
+    selection: TokenSelection | None,
+    newline: torch.Tensor | None,
+    position: str,
+    grid_hw: tuple[int, int] | None = None,
+) -> tuple[VideoTokens, torch.Tensor, int]:
+    """The ``keep_positions`` layout of one video: (its tokens as :func:`assemble_video_tokens` gives them, each
+    token's offset from the video's first token in the uncompressed layout (M',) increasing, and the uncompressed
+    layout's length, where the text after the video continues)."""
+    num_frames, tokens_per_frame, _ = _check_inputs(features, newline)
+    source, positions, span = _in_place(num_frames, tokens_per_frame, selection, position, grid_hw,
+                                        newline is not None, features.device)
+    return _gathered(features, selection, newline, source), positions, span
+
+
+def _check_inputs(features: torch.Tensor, newline: torch.Tensor | None) -> tuple[int, int, int]:
     num_frames, tokens_per_frame, dim = check_video_features(features)
     if newline is not None and (not isinstance(newline, torch.Tensor) or newline.shape != (dim,)):
         shape = tuple(newline.shape) if isinstance(newline, torch.Tensor) else type(newline).__name__
         raise ValueError(f"newline must be a ({dim},) tensor matching the feature dim, got {shape}")
-    source = video_token_layout(
-        num_frames,
-        tokens_per_frame,
-        selection,
-        position,
-        grid_hw,
-        with_newline=newline is not None,
-        device=features.device,
-        keep_positions=keep_positions,
-    )
+    return num_frames, tokens_per_frame, dim
+
+
+def _gathered(features, selection: TokenSelection | None, newline, source: torch.Tensor) -> VideoTokens:
+    """The tokens of a layout ``source`` (indices into the flattened features, NEWLINE for newlines)."""
+    num_frames, tokens_per_frame, dim = features.shape
     is_visual = source != NEWLINE
     table = features.reshape(num_frames * tokens_per_frame, dim)
     if selection is not None and selection.values is not None:  # a merging method: its kept tokens' own values

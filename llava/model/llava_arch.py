@@ -23,11 +23,18 @@ import torch
 from torch import nn
 
 from llava.compression.base import TokenSelection
-from llava.compression.layout import assemble_video_tokens, video_token_positions
+from llava.compression.layout import (
+    assemble_video_tokens,
+    assemble_video_tokens_in_place,
+)
 from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from llava.mm_utils import get_anyres_image_grid_shape
 from llava.model.projector import build_vision_projector
-from llava.model.vision_tower import SigLipVisionTower, llava_tower_config, published_tower_config
+from llava.model.vision_tower import (
+    SigLipVisionTower,
+    llava_tower_config,
+    published_tower_config,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -180,13 +187,13 @@ class LlavaMetaForCausalLM:
             selection = compressor.select(pooled, attention=pooled_attention, keys=self.get_2dPool(keys.to(pooled.dtype)))
         else:
             selection = compressor.select(pooled)
-        keep = selection is not None and self.keep_video_positions()
-        tokens, video_mask = assemble_video_tokens(pooled, selection, newline, position, (side, side), keep_positions=keep)
         record = VideoRecord(pooled.detach(), selection)
-        if keep:
-            record.positions, record.span = video_token_positions(
-                pooled.shape[0], pooled.shape[1], selection, position, (side, side), with_newline=newline is not None
+        if selection is not None and self.keep_video_positions():
+            (tokens, video_mask), record.positions, record.span = assemble_video_tokens_in_place(
+                pooled, selection, newline, position, (side, side)
             )
+        else:
+            tokens, video_mask = assemble_video_tokens(pooled, selection, newline, position, (side, side))
         return tokens, video_mask, record
 
     def video_compressor(self):
