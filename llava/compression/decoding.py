@@ -142,6 +142,8 @@ class DecodeCompressor(ABC):
     """A decode-time compression method with its arguments; makes a fresh :class:`DecodeState` per generation."""
 
     name: str
+    label: str  # for messages ("FastV")
+    stats_key: str  # its entry in ``last_compression_stats`` ("fastv")
 
     @abstractmethod
     def new_state(self, inputs: GenerationInputs) -> DecodeState | None:
@@ -149,6 +151,10 @@ class DecodeCompressor(ABC):
 
     def describe(self) -> dict:
         return {"name": self.name}
+
+    def unmodified_summary(self) -> dict:
+        """The statistics of a generation it had nothing to do in (no video token): its arguments, nothing pruned."""
+        return {**{k: v for k, v in self.describe().items() if k != "name"}, "image_tokens": [], "decode_steps": 0}
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.describe().items() if k != "name")

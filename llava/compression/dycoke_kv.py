@@ -65,6 +65,8 @@ class DyCokeKV(DecodeCompressor):
     int(n * (1 - ``ratio``)) of the n video tokens (``ratio`` is DyCoke's p)."""
 
     name = "dycoke_kv"
+    label = "DyCoke KV pruning"
+    stats_key = "kv_pruning"
 
     def __init__(self, layer: int = 3, ratio: float = 0.7, threshold: float = 0.9, public_quirks: bool = False):
         self.layer = check_setting("dycoke_l", layer)
@@ -77,6 +79,10 @@ class DyCokeKV(DecodeCompressor):
     def describe(self) -> dict:
         return {"name": self.name, "layer": self.layer, "ratio": self.ratio, "threshold": self.threshold,
                 "public_quirks": self.public_quirks}
+
+    def unmodified_summary(self) -> dict:
+        return {"layer": self.layer, "ratio": self.ratio, "image_tokens": [], "active_image_tokens": [],
+                "decode_steps": 0, "recomputations": [], "recompute_steps": [], "entered": [], "similarity": []}
 
     def new_state(self, inputs: GenerationInputs) -> DyCokeKVState | None:
         check_setting("dycoke_l", self.layer, inputs.num_layers)

@@ -51,6 +51,8 @@ class FastV(DecodeCompressor):
     """FastV: ranked at layer ``layer - 1`` (FastV's K), ``ratio`` (R) of the video tokens dropped from layer K on."""
 
     name = "fastv"
+    label = "FastV"
+    stats_key = "fastv"
 
     def __init__(self, layer: int = 2, ratio: float = 0.5):
         self.layer = check_setting("fastv_k", layer)
@@ -58,6 +60,10 @@ class FastV(DecodeCompressor):
 
     def describe(self) -> dict:
         return {"name": self.name, "layer": self.layer, "ratio": self.ratio}
+
+    def unmodified_summary(self) -> dict:
+        return {"layer": self.layer, "ratio": self.ratio, "image_tokens": [], "kept_image_tokens": [],
+                "pruned": False, "decode_steps": 0}
 
     def new_state(self, inputs: GenerationInputs) -> FastVState | None:
         check_setting("fastv_k", self.layer, inputs.num_layers)

@@ -46,7 +46,6 @@ from llava.compression.decoding import (
     make_generation_cache,
     new_token_budget,
 )
-from llava.compression.dycoke_kv import DyCokeKV
 from llava.compression.fastv import FastV
 from llava.compression.masks import BOOL, KeyMask
 from llava.compression.methods import CompressionSetup
@@ -228,7 +227,7 @@ class NativeCompression:
         output = stock_generate(*args, **{CACHE_ARG: cache}, **kwargs)
         state = cache.compression
         if state is not None:
-            self.last_stats["kv_pruning" if isinstance(self.decoder, DyCokeKV) else "fastv"] = state.summary()
+            self.last_stats[self.decoder.stats_key] = state.summary()
         return output
 
     def _before_model(self, module, args, kwargs):

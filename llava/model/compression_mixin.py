@@ -188,8 +188,8 @@ class CompressionMixin:
         stats = self.__dict__.get("_last_compression_stats") or _video_stats(self.compression, [])
         decoder = self.decode_compressor
         if decoder is not None:
-            key = "kv_pruning" if isinstance(decoder, DyCokeKV) else "fastv"
-            stats[key] = state.summary() if state is not None else _unmodified_decoding(decoder)
+            key = decoder.stats_key
+            stats[key] = state.summary() if state is not None else decoder.unmodified_summary()
             trace = self.__dict__.get("_trace")
             if trace is not None and isinstance(decoder, DyCokeKV):
                 trace.kv_stats = stats[key]
@@ -226,7 +226,7 @@ class CompressionMixin:
 
 
 def _check_generate_arguments(decoder: DecodeCompressor, kwargs: dict, generation_config) -> None:
-    name = "DyCoke KV pruning" if isinstance(decoder, DyCokeKV) else "FastV"
+    name = decoder.label
     config = kwargs.get("generation_config") or generation_config
     if cache_argument(kwargs) is not None:
         raise ValueError(
@@ -248,15 +248,6 @@ def _video_stats(settings: CompressionSettings, videos) -> dict:
         "video_tokens_before": sum(video.tokens_before for video in videos),
         "video_tokens_after": sum(video.tokens_after for video in videos),
     }
-
-
-def _unmodified_decoding(decoder: DecodeCompressor) -> dict:
-    """The statistics of a generation the decode-time compressor had nothing to do in (no video token)."""
-    if isinstance(decoder, DyCokeKV):
-        return {"layer": decoder.layer, "ratio": decoder.ratio, "image_tokens": [], "active_image_tokens": [],
-                "decode_steps": 0, "recomputations": [], "recompute_steps": [], "entered": [], "similarity": []}
-    return {"layer": decoder.layer, "ratio": decoder.ratio, "image_tokens": [], "kept_image_tokens": [],
-            "pruned": False, "decode_steps": 0}
 
 
 def _first_video_position(mm) -> int | None:
