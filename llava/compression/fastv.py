@@ -44,7 +44,7 @@ from llava.compression.masks import KeyMask, causal_prefill_mask, mask_kind
 from llava.compression.registry import Argument, Stages, register
 from llava.compression.settings import check_setting
 
-__all__ = ["FastV", "FastVState"]
+__all__ = ["CompactLayout", "FastV", "FastVState"]
 
 
 class FastV(DecodeCompressor):
@@ -67,7 +67,7 @@ class FastV(DecodeCompressor):
 
     def new_state(self, inputs: GenerationInputs) -> FastVState | None:
         check_setting("fastv_k", self.layer, inputs.num_layers)
-        layout = _Layout.from_mask(inputs.prunable, self.ratio)
+        layout = CompactLayout.from_mask(inputs.prunable, self.ratio)
         if not layout.drops_any:
             return None
         if not all(keep for keep, count in zip(layout.keep_counts, layout.video_counts) if count):
@@ -81,7 +81,7 @@ class FastV(DecodeCompressor):
 
 
 @dataclass
-class _Layout:
+class CompactLayout:
     """Video positions of each prefill row and the compact layout's sizes (counts read once, before the prefill)."""
 
     width: int  # compact length W
@@ -93,12 +93,13 @@ class _Layout:
     offset: torch.Tensor  # (B,) invalid slots at the front of each row
 
     @classmethod
-    def from_mask(cls, video: torch.Tensor, ratio: float) -> _Layout:
+    def from_mask(cls, video: torch.Tensor, ratio: float, rounding=round) -> CompactLayout:
+        """``rounding`` turns n * (1 - ratio) into a count: Python's round for FastV (the public code's)."""
         length = video.shape[1]
         prunable = video.clone()
         prunable[:, -1] = False  # the last prompt token ranks the others: never dropped
         video_counts = prunable.sum(dim=1).tolist()
-        keep_counts = [round(count * (1 - ratio)) for count in video_counts]  # the public code's rounding
+        keep_counts = [rounding(count * (1 - ratio)) for count in video_counts]
         row_lengths = [length - count + keep for count, keep in zip(video_counts, keep_counts)]
         width = max(row_lengths)
         offset = torch.tensor([width - row for row in row_lengths], device=video.device)
@@ -120,7 +121,7 @@ class _Layout:
 class FastVState(DecodeState):
     """FastV for one generation (see the module docstring)."""
 
-    def __init__(self, method: FastV, inputs: GenerationInputs, layout: _Layout):
+    def __init__(self, method: FastV, inputs: GenerationInputs, layout: CompactLayout):
         super().__init__(inputs)
         self.method, self.layout = method, layout
         self.ranking_layer, self.first_pruned = method.layer - 1, method.layer
@@ -154,7 +155,7 @@ class FastVState(DecodeState):
             plan = self.compact_inputs
             hidden_states = inputs.hidden_states
             if layer_idx == self.first_pruned:  # the first pruned layer: keep the kept positions only
-                hidden_states = hidden_states.gather(1, self.index[..., None].expand(-1, -1, hidden_states.shape[-1]))
+                hidden_states = self.compact(hidden_states)
             if "mask" not in plan:  # made once, for every layer >= K (their caches all hold W tokens)
                 key_length = cache.layers[layer_idx].get_mask_sizes(self.layout.width)[0]
                 plain = plan["plain_causal"] and inputs.attention_mask is None
@@ -165,17 +166,34 @@ class FastVState(DecodeState):
 
     # ---- the ranking (layer K-1, prefill) ------------------------------------------------------------------------
 
-    def _plan(self, decoder_layer, inputs: LayerInputs, cache) -> None:
+    def choose_kept(self, decoder_layer, inputs: LayerInputs, cache) -> torch.Tensor:
+        """(B, S) bool: the video positions each row keeps, ``layout.keep_counts[r]`` of row r, chosen after layer
+        K-1's prefill forward (``inputs`` are that layer's). FastV: the most attended by the last prompt token.
+        A method that ranks otherwise overrides this."""
         layout, length = self.layout, self.prefill_length
-        batch = inputs.hidden_states.shape[0]
         cos, sin = inputs.position_embeddings
         query = layer_query(decoder_layer, inputs.hidden_states[:, -1:], cos[..., -1:, :], sin[..., -1:, :])
         keys = cache.layers[self.ranking_layer].keys[:, :, :length]  # this prefill's keys (rotated)
         attention = mean_head_attention(query, keys, self.inputs.attention_mask, decoder_layer.self_attn.scaling)
-        # Kept video tokens: the top keep_counts[r] of row r (topk is descending, so valid slots come first).
-        scores = attention.masked_fill(~layout.prunable, float("-inf"))
-        top = scores.topk(layout.keep_slot.shape[1], dim=1).indices
-        kept_video = torch.zeros_like(layout.prunable).scatter_(1, top, layout.keep_slot)
+        return self.top_video(attention)
+
+    def top_video(self, scores: torch.Tensor) -> torch.Tensor:
+        """(B, S) bool: the top ``keep_counts[r]`` video positions of row r by ``scores`` (B, S)."""
+        layout = self.layout
+        scores = scores.masked_fill(~layout.prunable, float("-inf"))
+        top = scores.topk(layout.keep_slot.shape[1], dim=1).indices  # descending, so valid slots come first
+        return torch.zeros_like(layout.prunable).scatter_(1, top, layout.keep_slot)
+
+    def compact(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Layer K's input (B, W, D) from layer K-1's output (B, S, D): the kept positions, in order. A method that
+        merges the dropped tokens into the kept ones (values averaged) overrides this."""
+        return hidden_states.gather(1, self.index[..., None].expand(-1, -1, hidden_states.shape[-1]))
+
+    def _plan(self, decoder_layer, inputs: LayerInputs, cache) -> None:
+        layout, length = self.layout, self.prefill_length
+        batch = inputs.hidden_states.shape[0]
+        cos, sin = inputs.position_embeddings
+        kept_video = self.choose_kept(decoder_layer, inputs, cache)
         keep = ~layout.prunable | kept_video
         # Slot of every kept position: its rank among the row's kept positions, after the row's invalid slots.
         slot = (keep.long().cumsum(dim=1) - 1 + layout.offset[:, None]).masked_fill(~keep, layout.width)
