@@ -216,11 +216,11 @@ class MaskedDyCoke(_Hooked):
 class HiddenFastV(_Hooked):
     """FastV's rule on an eager model (batch 1), with hooks: from layer K on, the prefill and every decoding step see
     the video tokens outside the top round(n * (1 - R)) of layer K-1's last-prompt-token attention hidden by the
-    mask (their position ids unchanged)."""
+    mask (their position ids unchanged). ``rounding``: how n * (1 - R) becomes a count (FlashVID: math.ceil)."""
 
-    def __init__(self, model, positions, layer: int, ratio: float):
+    def __init__(self, model, positions, layer: int, ratio: float, rounding=round):
         self.positions = positions
-        self.keep = round(len(self.positions) * (1 - ratio))
+        self.keep = rounding(len(self.positions) * (1 - ratio))
         self.dropped = None
         self.handles = _hook(model, layer, read=self.rank, hide=self.hide)
 

@@ -424,3 +424,95 @@ def test_layout_places_merged_values(position):
     assert int(is_visual.sum()) == sel.num_kept
     # Indices are already in original order, so every layout shows the kept tokens in selection order.
     torch.testing.assert_close(tokens[is_visual], sel.values)
+
+
+# --- In the model ------------------------------------------------------------------------------------------------
+# The vision side on the tower's real attention, and the in-LLM pruning (flashvid/utils.py fastv_prune, called at
+# pruning_layer from the patched Qwen2Model_forward in flashvid/modeling_qwen2.py) against the hidden-token
+# reference: the same model with the vision side only, the pruned video tokens hidden from layers >= pruning_layer.
+
+LLM_LAYER, LLM_RETENTION = 2, 0.6
+# (a layer argument is checked against the model even when its stage is off: the tiny model has 4 layers, not 21)
+VISION = {"flashvid_retention_ratio": 0.5, "flashvid_expansion": 1.0, "flashvid_min_segment_num": 2,
+          "flashvid_pruning_layer": LLM_LAYER}
+
+
+def test_the_llava_model_scores_with_its_towers_last_layer_and_keeps_the_references_tokens(loaded_tiny):
+    """The attention of the tower's last kept layer for the frames' own input, pooled as the features are, reaches
+    FlashVID; the trace records the reference's choice and merged values; the tower's output is unchanged."""
+    from llava.compression.visionzip import siglip_attention_scores
+    from tests.conftest import random_video as frames
+    from tests.test_conformance import prompt_ids
+
+    tokenizer, model, _, _ = loaded_tiny
+    video = frames(6, model.get_vision_tower().image_size, seed=61)
+    layer = model.get_vision_tower().vision_tower.vision_model.encoder.layers[-1]
+    inputs = []
+    handle = layer.register_forward_pre_hook(lambda m, a, k: inputs.append(a[0] if a else k["hidden_states"]),
+                                             with_kwargs=True)
+    try:
+        plain = model.encode_images(video)
+        model.configure_compression(compressor="flashvid", **VISION, flashvid_llm_retention_ratio=1.0)
+        with model.compression_trace() as trace:
+            model.generate(prompt_ids(tokenizer, "What is moving?"), images=[video], modalities=["video"],
+                           max_new_tokens=2, do_sample=False)
+    finally:
+        handle.remove()
+        model.reset_compression()
+    attention, _ = siglip_attention_scores(layer, inputs[0])
+    pooled_attention = model.get_2dPool(attention[..., None])[..., 0]
+    settings = {"retention_ratio": 0.5, "expansion": 1.0, "min_segment_num": 2}
+    index, per_frame, values = reference_flashvid(trace.pooled.float(), pooled_attention.float(), **settings)
+    assert trace.selection.index.tolist() == index and trace.selection.per_frame.tolist() == per_frame
+    torch.testing.assert_close(trace.selection.values.double(), values.double(), rtol=1e-5, atol=1e-5)
+    assert torch.equal(model.encode_images(video), plain)  # recording changed nothing
+
+
+@pytest.fixture(scope="module")
+def pruned_and_reference(tiny_checkpoint):
+    from tests.references import load
+
+    tokenizer, model = load(tiny_checkpoint, compressor="flashvid", **VISION, flashvid_llm_retention_ratio=LLM_RETENTION)
+    _, reference = load(tiny_checkpoint, "eager", compressor="flashvid", **VISION, flashvid_llm_retention_ratio=1.0)
+    return tokenizer, model, reference
+
+
+@pytest.mark.parametrize("variant", ["dynamic", "static", "static-compiled"])
+def test_the_in_llm_pruning_matches_the_hidden_token_reference(pruned_and_reference, variant):
+    from tests.conftest import random_video as frames
+    from tests.references import HiddenFastV, cache_variants, greedy, prompt, video_positions
+
+    tokenizer, model, reference = pruned_and_reference
+    ids, video = prompt(tokenizer), frames(8, model.get_vision_tower().image_size, seed=62)
+    positions = video_positions(reference, ids, video)
+    rule = HiddenFastV(reference, positions, LLM_LAYER, 1 - LLM_RETENTION, rounding=math.ceil)
+    try:
+        ref_tokens, ref_logits = greedy(reference, tokenizer, ids, [video], 6)
+    finally:
+        rule.remove()
+    tokens, logits = greedy(model, tokenizer, ids, [video], 6, **cache_variants()[variant])
+    assert torch.equal(tokens, ref_tokens)
+    torch.testing.assert_close(logits, ref_logits, rtol=3e-5, atol=3e-5)
+    stats = model.last_compression_stats["flashvid_llm"]
+    kept = sorted(set(positions.tolist()) - set(rule.dropped.tolist()))
+    assert stats["kept_video_positions"][0] == kept
+    assert stats["kept_image_tokens"] == [math.ceil(len(positions) * LLM_RETENTION)]  # ceil, as fastv_prune
+    assert model.last_compression_stats["video_tokens_after"] < model.last_compression_stats["video_tokens_before"]
+
+
+def test_composes_with_kv_pruning_only_without_its_own_in_llm_stage():
+    from llava.compression.settings import settings_from_kwargs
+
+    assert settings_from_kwargs({"compressor": "flashvid", "flashvid_llm_retention_ratio": 1.0, "dycoke_p": 0.7}).kv_pruning
+    with pytest.warns(UserWarning, match="dycoke_p do nothing with compressor='flashvid'"):
+        assert not settings_from_kwargs({"compressor": "flashvid", "dycoke_p": 0.7}).kv_pruning
+
+
+def test_the_pruning_layer_is_checked_against_the_model(loaded_tiny):
+    _, model, _, _ = loaded_tiny
+    layers = model.config.num_hidden_layers
+    with pytest.raises(ValueError, match=f"flashvid_pruning_layer={layers}.*allowed: \\[1, {layers - 1}\\]"):
+        model.configure_compression(compressor="flashvid", flashvid_pruning_layer=layers)
+    with pytest.raises(ValueError, match="flashvid_pruning_layer=20"):  # the published default, on a tiny model
+        model.configure_compression(compressor="flashvid")
+    assert model.compression.compressor == "none"

@@ -80,6 +80,7 @@ class GenerationInputs:
     attn_implementation: str
     dtype: torch.dtype  # of the hidden states
     record: bool = False  # keep per-step records for tracing (DyCoke's active set at every step)
+    tokens_per_frame: int | None = None  # video tokens of each frame, frame after frame (None: not known)
 
 
 class DecodeState:

@@ -65,19 +65,32 @@ class FastV(DecodeCompressor):
         return {"layer": self.layer, "ratio": self.ratio, "image_tokens": [], "kept_image_tokens": [],
                 "pruned": False, "decode_steps": 0}
 
+    # What a method built on FastV's mechanics changes: its argument names (for messages), how n * (1 - ratio)
+    # becomes a count, and its state (the ranking in ``choose_kept``, a merge in ``compact``).
+    layer_argument, ratio_argument = "fastv_k", "fastv_r"
+    keep_rounding = staticmethod(round)  # the public FastV code's topk(round(n * (1 - r)))
+
+    @property
+    def ratio_setting(self) -> float:
+        """The value of ``ratio_argument`` (FastV's is the share dropped)."""
+        return self.ratio
+
+    def state_type(self) -> type[FastVState]:
+        return FastVState
+
     def new_state(self, inputs: GenerationInputs) -> FastVState | None:
-        check_setting("fastv_k", self.layer, inputs.num_layers)
-        layout = CompactLayout.from_mask(inputs.prunable, self.ratio)
+        check_setting(self.layer_argument, self.layer, inputs.num_layers)
+        layout = CompactLayout.from_mask(inputs.prunable, self.ratio, self.keep_rounding)
         if not layout.drops_any:
             return None
         if not all(keep for keep, count in zip(layout.keep_counts, layout.video_counts) if count):
             warnings.warn(
-                f"fastv_r={self.ratio} keeps round(n * (1 - r)) = 0 of the n video tokens "
+                f"{self.label}: {self.ratio_argument}={self.ratio_setting} keeps 0 of the n video tokens "
                 f"(n = {min(c for c in layout.video_counts if c)}): layers >= {self.layer} never see the video. "
-                "Use a smaller fastv_r.",
+                f"Keep more with {self.ratio_argument}.",
                 stacklevel=4,
             )
-        return FastVState(self, inputs, layout)
+        return self.state_type()(self, inputs, layout)
 
 
 @dataclass

@@ -4,8 +4,12 @@ Behaviour follows the public FlashVID code (github.com/Fanziyang-v/FlashVID) on 
 ``flashvid_compression``, ``segment``, ``additional_segment``, ``segment_compression``,
 ``spatiotemporal_compression`` and ``dpc_knn`` in ``flashvid/utils.py``, and ``attn_div_v2_based_token_selection``
 (ADTS v2, the default ``token_selection_method`` of ``flashvid()``) in ``flashvid/token_selection.py``.
-The public method also prunes again inside the LLM (FastV-like, ``pruning_layer=20``, ``llm_retention_ratio=0.3``);
-that decoder stage is not part of this module.
+The public method then prunes again inside the LLM (``fastv_prune`` in ``flashvid/utils.py``, called from the
+patched ``Qwen2Model_forward`` in ``flashvid/modeling_qwen2.py``): during the prefill, layer ``pruning_layer - 1``'s
+attention of the last prompt token, averaged over heads, ranks the video tokens; the top
+``ceil(video tokens * llm_retention_ratio)`` (the newline tokens count as video tokens, as there) go on from layer
+``pruning_layer``, at their own positions, the others are dropped: FastV's mechanics with ``ceil``
+(:class:`FlashVIDLLMPruning`).
 
 Besides the pooled features, the selection needs the vision tower's attention score of every pooled token:
 see :class:`FlashVID`.
@@ -19,9 +23,10 @@ from typing import Any
 import torch
 
 from .base import TokenSelection, VideoTokenCompressor, check_video_features
-from .registry import Argument
+from .fastv import FastV
+from .registry import Argument, Stages, register
 
-__all__ = ["FLASHVID_ARGUMENTS", "FlashVID", "adts_select", "dpc_knn_merge", "flashvid_budget", "flashvid_segments",
+__all__ = ["FLASHVID_ARGUMENTS", "FlashVID", "FlashVIDLLMPruning", "adts_select", "dpc_knn_merge", "flashvid_budget", "flashvid_segments",
            "temporal_tree_merge"]
 
 FLASHVID_ARGUMENTS = (
@@ -40,6 +45,9 @@ FLASHVID_ARGUMENTS = (
     Argument("flashvid_min_segment_num", 8, "[1, inf)",
              "at least this many segments (more cuts at the least similar transitions)", integer=True),
     Argument("flashvid_complementary_segment", True, "flag", "add cuts until there are min_segment_num segments"),
+    Argument("flashvid_pruning_layer", 20, "layer", "layer from which the in-LLM pruning drops video tokens"),
+    Argument("flashvid_llm_retention_ratio", 0.3, "(0, 1]",
+             "share of the video tokens reaching the LLM that layers >= pruning_layer keep (1: no in-LLM pruning)"),
 )
 _ARGUMENTS = {argument.name: argument for argument in FLASHVID_ARGUMENTS}
 
@@ -214,6 +222,7 @@ class FlashVID(VideoTokenCompressor):
     """
 
     name = "flashvid"
+    needs_tower_attention = True  # the model hands over ``attention`` (and ``keys``, unused here)
 
     def __init__(
         self,
@@ -324,3 +333,49 @@ def _check_grid(grid_hw: tuple[int, int] | None, tokens_per_frame: int) -> None:
 
 def _shape(value: Any) -> str:
     return f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else repr(type(value).__name__)
+
+
+class FlashVIDLLMPruning(FastV):
+    """FlashVID's in-LLM stage: FastV ranked at layer ``layer - 1`` by the last prompt token's attention, keeping
+    ``ceil(n * retention_ratio)`` of the n video tokens from layer ``layer`` on (the public ``fastv_prune``)."""
+
+    name = "flashvid_llm"
+    label = "FlashVID in-LLM pruning"
+    stats_key = "flashvid_llm"
+    layer_argument, ratio_argument = "flashvid_pruning_layer", "flashvid_llm_retention_ratio"
+    keep_rounding = staticmethod(math.ceil)
+
+    def __init__(self, layer: int = 20, retention_ratio: float = 0.3):
+        self.layer = _check("flashvid_pruning_layer", layer)
+        self.retention_ratio = _check("flashvid_llm_retention_ratio", retention_ratio)
+        self.ratio = 1.0 - self.retention_ratio  # the share dropped, as FastV counts it
+
+    @property
+    def ratio_setting(self) -> float:
+        return self.retention_ratio
+
+    def describe(self) -> dict:
+        return {"name": self.name, "layer": self.layer, "retention_ratio": self.retention_ratio}
+
+
+@register(
+    "flashvid",
+    *FLASHVID_ARGUMENTS,
+    summary="FlashVID: per frame, tokens chosen by the tower's attention and diversity plus tree-merged spatio-temporal "
+            "tokens, then FastV-like pruning inside the LLM",
+    examples=(
+        {"flashvid_retention_ratio": 0.5, "flashvid_expansion": 1.0, "flashvid_min_segment_num": 2,
+         "flashvid_pruning_layer": 2, "flashvid_llm_retention_ratio": 0.6},
+        {"flashvid_retention_ratio": 0.1, "flashvid_alpha": 0.5, "flashvid_do_segment": False,
+         "flashvid_pruning_layer": 1, "flashvid_llm_retention_ratio": 1.0},
+    ),
+)
+def build(settings) -> Stages:
+    video = FlashVID(
+        settings.flashvid_retention_ratio, settings.flashvid_expansion, settings.flashvid_alpha,
+        settings.flashvid_temporal_threshold, settings.flashvid_do_segment, settings.flashvid_segment_threshold,
+        settings.flashvid_min_segment_num, settings.flashvid_complementary_segment,
+    )
+    retention = settings.flashvid_llm_retention_ratio
+    decoder = FlashVIDLLMPruning(settings.flashvid_pruning_layer, retention) if retention < 1 else None
+    return Stages(video=video, decoder=decoder)

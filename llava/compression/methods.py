@@ -7,11 +7,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from llava.compression import dycoke, evs, fastv, vidcom2, visionzip  # noqa: F401  (each registers its method)
+from llava.compression import dycoke, evs, fastv, flashvid, vidcom2, visionzip  # noqa: F401  (each registers its method)
 
-# Transcribed from their public code and tested (tests/test_<name>.py), not registered yet: flashvid (it needs the
-# tower's attention as VisionZip does, and its own examples and model tests) and fastvid (it needs SigLIP's pooling
-# head, which LLaVA checkpoints do not ship).
+# Transcribed from its public code and tested (tests/test_fastvid.py), not registered yet: fastvid (it needs SigLIP's
+# pooling head, which LLaVA checkpoints do not ship).
 from llava.compression.base import VideoTokenCompressor
 from llava.compression.decoding import DecodeCompressor
 from llava.compression.dycoke_kv import DyCokeKV

@@ -159,10 +159,12 @@ class NativeCompression:
         self.video_token_id = _video_token_id(model.config)
         deepstack = len(getattr(getattr(model.config, "vision_config", None), "deepstack_visual_indexes", []) or [])
         if isinstance(self.decoder, FastV) and self.decoder.layer < deepstack:
+            argument = getattr(self.decoder, "layer_argument", "fastv_k")  # a FastV-based method names its own
+            value = getattr(settings, argument)  # as given (PruneVid's layer is the one before its first pruned)
             raise ValueError(
-                f"fastv_k={self.decoder.layer}: {type(model).__name__} adds visual features to the hidden states "
-                f"after its first {deepstack} layers (deepstack), so FastV can drop tokens from layer {deepstack} "
-                f"on at the earliest; use fastv_k >= {deepstack}."
+                f"{argument}={value}: {type(model).__name__} adds visual features to the hidden states "
+                f"after its first {deepstack} layers (deepstack), so {self.decoder.label} can drop tokens from layer "
+                f"{deepstack} on at the earliest; use {argument} >= {value + deepstack - self.decoder.layer}."
             )
         self.handles: list = []
         self.last_stats: dict = {}
@@ -367,6 +369,8 @@ class _Sequence:
                 prunable=video, attention_mask=valid, decoded_capacity=capacity,
                 static_cache=isinstance(cache, StaticCache), num_layers=_text_config(owner.model).num_hidden_layers,
                 attn_implementation=owner.model.config._attn_implementation, dtype=embeds.dtype,
+                tokens_per_frame=self.videos[0].per_frame if self.videos and owner.video_compressor is None
+                and len({video.per_frame for video in self.videos}) == 1 else None,
             ))
         self.phase = "decode"
 

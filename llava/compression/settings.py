@@ -123,9 +123,17 @@ def check_setting(name: str, value: Any, num_layers: int | None = None) -> Any:
     return registry.check_setting(name, value, num_layers)
 
 
-def layer_arguments() -> tuple[str, ...]:
-    """The arguments that name a decoder layer (bounded by the model's layer count)."""
-    return tuple(name for name, argument in ARGUMENTS.items() if argument.within == "layer")
+def layer_arguments(settings: CompressionSettings | None = None) -> tuple[str, ...]:
+    """The arguments that name a decoder layer (bounded by the model's layer count); with ``settings``, those its
+    method uses (its own, and DyCoke's when its KV pruning follows). The others are not checked against a model:
+    a default such as FlashVID's layer 20 must not refuse a 4-layer model that runs another method."""
+    names = tuple(name for name, argument in ARGUMENTS.items() if argument.within == "layer")
+    if settings is None:
+        return names
+    used = {argument.name for argument in method(settings.compressor).arguments}
+    if settings.kv_pruning:
+        used.update(KV_PRUNING_ARGUMENTS)
+    return tuple(name for name in names if name in used)
 
 
 def _is_flag(name: str) -> bool:
@@ -181,7 +189,7 @@ def settings_from_kwargs(
     settings = settings.replace(**checked)
     settings = settings.replace(kv_pruning=_composes_kv_pruning(settings, values, switched=compressor is not None))
     if num_layers is not None:  # a base validated without the layer count, or another model's settings
-        for name in layer_arguments():
+        for name in layer_arguments(settings):
             check_setting(name, getattr(settings, name), num_layers)
     _warn_ignored(settings, values)
     return settings
@@ -191,18 +199,19 @@ def settings_from_kwargs(
 KV_PRUNING_ARGUMENTS = ("dycoke_l", "dycoke_p", "dycoke_public_quirks")
 
 
-def composes_with_kv_pruning(compressor: str) -> bool:
-    """Whether DyCoke's KV pruning can follow ``compressor``: a method that compresses before the LM only."""
+def composes_with_kv_pruning(compressor: str, settings: CompressionSettings | None = None) -> bool:
+    """Whether DyCoke's KV pruning can follow ``compressor`` (with ``settings``, by default its defaults): a method
+    that compresses before the LM only (FlashVID with its in-LLM pruning off, ``flashvid_llm_retention_ratio=1``)."""
     if compressor in ("none", "dycoke"):
         return False
-    stages = method(compressor).build(CompressionSettings(compressor))
+    stages = method(compressor).build(settings if settings is not None else CompressionSettings(compressor))
     return stages.video is not None and stages.decoder is None
 
 
 def _composes_kv_pruning(settings: CompressionSettings, given: dict, switched: bool) -> bool:
     """``kv_pruning`` after a change: on when DyCoke's pruning arguments come with (or for) a pre-LLM method, e.g.
     ``compressor="evs", dycoke_p=0.7``; off when the method changes without them; else as it was."""
-    if not composes_with_kv_pruning(settings.compressor):
+    if not composes_with_kv_pruning(settings.compressor, settings):
         return False
     if any(name in given for name in KV_PRUNING_ARGUMENTS):
         return True

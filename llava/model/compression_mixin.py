@@ -69,7 +69,7 @@ class CompressionMixin:
     def set_compression(self, settings: CompressionSettings) -> CompressionSettings:
         """Use ``settings`` (from :func:`~llava.compression.settings.settings_from_kwargs`): everything is built
         and checked before the model changes, so a rejected setting leaves it as it was."""
-        for name in layer_arguments():  # settings made without this model's layer count
+        for name in layer_arguments(settings):  # settings made without this model's layer count
             check_setting(name, getattr(settings, name), self.config.num_hidden_layers)
         setup = CompressionSetup.build(settings)
         self.__dict__["_compression_setup"] = setup
@@ -176,6 +176,8 @@ class CompressionMixin:
             attn_implementation=self.config._attn_implementation,
             dtype=mm.inputs_embeds.dtype,
             record=self.__dict__.get("_trace") is not None,
+            tokens_per_frame=mm.videos[0].pooled.shape[1] if mm.videos and all(
+                video.selection is None for video in mm.videos) else None,
         )
         state = decoder.new_state(inputs)
         if state is None:
