@@ -480,7 +480,13 @@ def pruned_and_reference(tiny_checkpoint):
 @pytest.mark.parametrize("variant", ["dynamic", "static", "static-compiled"])
 def test_the_in_llm_pruning_matches_the_hidden_token_reference(pruned_and_reference, variant):
     from tests.conftest import random_video as frames
-    from tests.references import HiddenFastV, cache_variants, greedy, prompt, video_positions
+    from tests.references import (
+        HiddenFastV,
+        cache_variants,
+        greedy,
+        prompt,
+        video_positions,
+    )
 
     tokenizer, model, reference = pruned_and_reference
     ids, video = prompt(tokenizer), frames(8, model.get_vision_tower().image_size, seed=62)

@@ -183,7 +183,7 @@ class FastVState(DecodeState):
         """(B, S) bool: the video positions each row keeps, ``layout.keep_counts[r]`` of row r, chosen after layer
         K-1's prefill forward (``inputs`` are that layer's). FastV: the most attended by the last prompt token.
         A method that ranks otherwise overrides this."""
-        layout, length = self.layout, self.prefill_length
+        length = self.prefill_length
         cos, sin = inputs.position_embeddings
         query = layer_query(decoder_layer, inputs.hidden_states[:, -1:], cos[..., -1:, :], sin[..., -1:, :])
         keys = cache.layers[self.ranking_layer].keys[:, :, :length]  # this prefill's keys (rotated)
