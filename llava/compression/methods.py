@@ -7,7 +7,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from llava.compression import dycoke, evs, fastv, flashvid, holitom, vidcom2, visionzip  # noqa: F401  (each registers its method)
+from llava.compression import (  # noqa: F401  (each registers its method)
+    dycoke,
+    evs,
+    fastv,
+    flashvid,
+    holitom,
+    prunevid,
+    vidcom2,
+    visionzip,
+)
 
 # Transcribed from its public code and tested (tests/test_fastvid.py), not registered yet: fastvid (it needs SigLIP's
 # pooling head, which LLaVA checkpoints do not ship).
