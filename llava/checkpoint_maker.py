@@ -160,6 +160,18 @@ def tiny_config(spec: TinySpec, vocab_size: int, special_ids: dict[str, int]) ->
     return config
 
 
+def pooling_head_weights(spec: TinySpec, seed: int) -> dict[str, torch.Tensor]:
+    """Random weights of SigLIP's attention-pooling head (``vision_model.head.*``), the part of the published tower
+    that LLaVA checkpoints drop and FastVID reads from the tower's own folder (llava.model.pooling_head)."""
+    from transformers import SiglipVisionConfig
+    from transformers.models.siglip.modeling_siglip import SiglipMultiheadAttentionPoolingHead
+
+    with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
+        torch.manual_seed(seed + 1)
+        head = SiglipMultiheadAttentionPoolingHead(SiglipVisionConfig(**published_vision_config(spec)))
+    return {f"vision_model.head.{name}": tensor.contiguous() for name, tensor in head.state_dict().items()}
+
+
 def published_vision_config(spec: TinySpec) -> dict:
     return {
         "model_type": "siglip_vision_model",
@@ -266,6 +278,7 @@ def make_tiny_checkpoint(
         json.dump(published_vision_config(spec), f, indent=2)
     with open(folder / "vision_tower" / "preprocessor_config.json", "w") as f:
         json.dump(preprocessor_config(spec), f, indent=2)
+    save_file(pooling_head_weights(spec, seed), str(folder / "vision_tower" / "model.safetensors"))
     with open(folder / "config.json", "w") as f:
         json.dump(config, f, indent=2)
     with open(folder / "generation_config.json", "w") as f:

@@ -1,5 +1,6 @@
 """FastVID token selection and merging (llava.compression.fastvid) against a loop transcription of the public code."""
 
+import json
 import math
 
 import pytest
@@ -191,10 +192,16 @@ def test_default_inputs_match_loop_reference(num_frames, dtype):
         torch.testing.assert_close(saliency[f].double(), torch.tensor([math.exp(v) / total for v in logits],
                                                                        dtype=torch.float64))
     setting = (0.5, 2, 0.9, 0.4, 2, 0.6)
-    sel = FastVID(*setting).select(feats)
+    sel = FastVID(*setting).select(feats, frame_global=frame_global, saliency=saliency)
     index, per_frame, values = reference_fastvid(feats, frame_global, saliency, *setting)
     assert (sel.index.tolist(), sel.per_frame.tolist()) == (index, per_frame)
     assert_values_close(sel.values, values, dtype)
+
+
+def stand_in(feats):
+    """The explicit stand-in for the head's inputs, where a test is about the selection, not the inputs."""
+    frame_global, saliency = fastvid_default_inputs(feats)
+    return {"frame_global": frame_global, "saliency": saliency}
 
 
 def clusters(offset_e3=0.0):
@@ -281,7 +288,7 @@ def test_known_answer_segments_and_anchor_counts():
 def test_kept_count_every_frame_an_anchor(r):
     """dtm_p = 1 (or single-frame segments): exactly int(N * r) tokens per frame."""
     feats = torch.randn(8, 196, 8, generator=torch.Generator().manual_seed(0))
-    sel = FastVID(r, dtm_p=1).select(feats, (14, 14))
+    sel = FastVID(r, dtm_p=1).select(feats, (14, 14), **stand_in(feats))
     assert sel.per_frame.tolist() == [int(196 * r)] * 8
     assert int(sel.per_frame.sum()) == sel.num_kept
 
@@ -302,12 +309,12 @@ def test_kept_count_budget_rule_with_long_segments(r):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_keep_everything(dtype):
     feats = torch.randn(5, 12, 6, generator=torch.Generator().manual_seed(4)).to(dtype)
-    sel = FastVID(1.0, stprune_d=0.0).select(feats, (3, 4))
+    sel = FastVID(1.0, stprune_d=0.0).select(feats, (3, 4), **stand_in(feats))
     assert sel.index.tolist() == list(range(60))
     assert sel.per_frame.tolist() == [12] * 5
     assert torch.equal(sel.values, feats.reshape(-1, 6))
     # Every token its own anchor (dtm_p = 1): each merges only itself, 0.6 x + 0.4 x.
-    sel = FastVID(1.0, dtm_p=1).select(feats, (3, 4))
+    sel = FastVID(1.0, dtm_p=1).select(feats, (3, 4), **stand_in(feats))
     assert sel.index.tolist() == list(range(60))
     assert_values_close(sel.values, feats.reshape(-1, 6).double(), dtype)
 
@@ -337,7 +344,8 @@ def test_pool_saliency_bilinear():
 
 def test_zero_tokens_per_frame_warns():
     with pytest.warns(UserWarning, match="fastvid_retention_ratio=0.05"):
-        sel = FastVID(0.05).select(torch.randn(3, 16, 4))
+        feats = torch.randn(3, 16, 4)
+        sel = FastVID(0.05).select(feats, **stand_in(feats))
     assert sel.num_kept == 0 and sel.per_frame.tolist() == [0, 0, 0]
 
 
@@ -375,6 +383,93 @@ def test_invalid_inputs():
     with pytest.raises(ValueError, match="grid_hw"):
         FastVID().select(feats, (3, 3))
     with pytest.raises(ValueError, match=r"saliency must be a floating-point tensor of shape \(2, 12\)"):
-        FastVID().select(feats, saliency=torch.rand(2, 9))
+        FastVID().select(feats, frame_global=torch.rand(2, 5), saliency=torch.rand(2, 9))
     with pytest.raises(ValueError, match=r"frame_global must be a floating-point tensor of shape \(2, any\)"):
-        FastVID().select(feats, frame_global=torch.rand(3, 5))
+        FastVID().select(feats, frame_global=torch.rand(3, 5), saliency=torch.rand(2, 12))
+    with pytest.raises(ValueError, match="compressor='fastvid' needs frame_global= and saliency="):  # no stand-in
+        FastVID().select(feats, frame_global=torch.rand(2, 5))
+
+
+# --- In the model: SigLIP's pooling head, read from the tower's own checkpoint ----------------------------------
+
+
+def reference_head_inputs(tower_folder, patches, post_layernorm, pooled_hw):
+    """(frame_global, saliency) as the public ``SigLipVisionAbstract.forward`` and ``get_attn_2dPool`` make them:
+    post_layernorm, transformers' own pooling head for the pooled feature; the probe's attention by hand (in_proj
+    split into q, k; softmax per head, mean over heads), bilinear to the pooled grid."""
+    from safetensors.torch import load_file
+    from transformers import SiglipVisionConfig
+    from transformers.models.siglip.modeling_siglip import SiglipMultiheadAttentionPoolingHead
+
+    config = SiglipVisionConfig(**json.loads((tower_folder / "config.json").read_text()))
+    weights = {k.split("vision_model.head.", 1)[1]: v for k, v in load_file(tower_folder / "model.safetensors").items()}
+    head = SiglipMultiheadAttentionPoolingHead(config)
+    head.load_state_dict(weights)
+    with torch.no_grad():
+        x = post_layernorm(patches).double()
+        frame_global = head.double()(x)
+        dim, heads = config.hidden_size, config.num_attention_heads
+        w, b = weights["attention.in_proj_weight"].double(), weights["attention.in_proj_bias"].double()
+        q = weights["probe"].double()[0] @ w[:dim].T + b[:dim]  # (1, dim)
+        k = x @ w[dim: 2 * dim].T + b[dim: 2 * dim]  # (F, P, dim)
+        hd = dim // heads
+        attention = sum(
+            torch.softmax((k[..., h * hd:(h + 1) * hd] @ q[0, h * hd:(h + 1) * hd]) / math.sqrt(hd), dim=-1)
+            for h in range(heads)
+        ) / heads
+    return frame_global, fastvid_pool_saliency(attention, pooled_hw)
+
+
+FASTVID_MODEL_SETTING = {"fastvid_retention_ratio": 0.5, "fastvid_dyseg_c": 2, "fastvid_dtm_p": 2}
+
+
+def test_the_llava_model_feeds_fastvid_the_pooling_heads_output_and_attention(loaded_tiny, tiny_checkpoint):
+    from tests.conftest import random_video as frames
+    from tests.test_conformance import prompt_ids
+
+    tokenizer, model, _, _ = loaded_tiny
+    tower = model.get_vision_tower()
+    video = frames(6, tower.image_size, seed=63)
+    before = set(model.state_dict())
+    model.configure_compression(compressor="fastvid", **FASTVID_MODEL_SETTING)
+    try:
+        with model.compression_trace() as trace:
+            model.generate(prompt_ids(tokenizer, "What is moving?"), images=[video], modalities=["video"],
+                           max_new_tokens=2, do_sample=False)
+    finally:
+        model.reset_compression()
+    side = math.isqrt(trace.pooled.shape[1])
+    frame_global, saliency = reference_head_inputs(
+        tiny_checkpoint / "vision_tower", tower(video), tower.vision_tower.vision_model.post_layernorm, (side, side))
+    index, per_frame, values = reference_fastvid(trace.pooled.double(), frame_global, saliency, 0.5, 2, 0.9, 0.4, 2, 0.6)
+    assert trace.selection.index.tolist() == index and trace.selection.per_frame.tolist() == per_frame
+    torch.testing.assert_close(trace.selection.values.double(), torch.as_tensor(values).double(), rtol=1e-5, atol=1e-5)
+    assert set(model.state_dict()) == before  # the head is read, not added to the model's weights
+
+
+def test_the_public_argument_names_are_accepted():
+    from llava.compression.settings import settings_from_kwargs
+
+    settings = settings_from_kwargs({"compressor": "fastvid", "fastvid_DySeg_c": 4, "fastvid_DTM_beta": 0.5})
+    assert (settings.fastvid_dyseg_c, settings.fastvid_dtm_beta) == (4, 0.5)
+
+
+def test_a_tower_checkpoint_without_the_head_is_refused_by_name(tiny_checkpoint, tmp_path):
+    """LLaVA checkpoints do not ship the head; without the tower's own weights FastVID says where it looked."""
+    import shutil
+
+    from llava.model.builder import load_pretrained_model
+    from tests.conftest import random_video as frames
+    from tests.test_conformance import prompt_ids
+
+    copy = shutil.copytree(tiny_checkpoint, tmp_path / "no-head")
+    (copy / "vision_tower" / "model.safetensors").unlink()
+    tokenizer, model, _, _ = load_pretrained_model(str(copy), None, "llava_qwen", device_map="cpu",
+                                                   torch_dtype="float32", compressor="fastvid")
+    video = frames(4, model.get_vision_tower().image_size, seed=64)
+    with pytest.raises(ValueError, match=r"compressor='fastvid' reads SigLIP's pooling head .* has no \*\.safetensors"):
+        model.generate(prompt_ids(tokenizer, "What?"), images=[video], modalities=["video"], max_new_tokens=1)
+    model.config.mm_vision_tower = "google/siglip-so400m-patch14-384"  # the published name, offline here
+    model.__dict__.pop("_siglip_pooling_head", None)
+    with pytest.raises(ValueError, match=r"mm_vision_tower='google/siglip-so400m-patch14-384' .* could not get it"):
+        model.generate(prompt_ids(tokenizer, "What?"), images=[video], modalities=["video"], max_new_tokens=1)

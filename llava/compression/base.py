@@ -73,6 +73,10 @@ class VideoTokenCompressor(ABC):
     # ``attention=`` (F, N), the attention each pooled token receives in the tower's last layer, and ``keys=``
     # (F, N, head_dim), that layer's keys, both pooled like the features (llava.model.llava_arch).
     needs_tower_attention: bool = False
+    # A method that reads SigLIP's attention-pooling head (FastVID) sets this: ``select`` then also gets
+    # ``frame_global=`` (F, C), each frame's pooled feature, and ``saliency=`` (F, N), the head's attention over the
+    # patches, pooled like the features (llava.model.pooling_head).
+    needs_pooling_head: bool = False
 
     @abstractmethod
     def select(self, features: torch.Tensor) -> TokenSelection:

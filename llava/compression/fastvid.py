@@ -13,9 +13,12 @@ feature (the SigLIP attention-pooling head's output, for the segmentation) and e
 head's probe attention over the patches, averaged over heads and bilinearly pooled to the token grid: see
 :func:`fastvid_pool_saliency`). The head is SigLIP's own ``post_layernorm`` and ``head``, loaded from the
 vision tower's checkpoint (LLaVA-OneVision drops both) and run on the tower's output patches, before the
-projector. Pass them to :meth:`FastVID.select` for the published behaviour. Without them a
-stand-in derived from the pooled tokens is used (:func:`fastvid_default_inputs`): the frame's mean token, and
-the attention of that mean over the frame's tokens.
+projector: the LLaVA model does this when FastVID is on (:mod:`llava.model.pooling_head`, ``needs_pooling_head``).
+:func:`fastvid_default_inputs` is a stand-in derived from the pooled tokens (the frame's mean token and the attention
+of that mean over the frame's tokens) for experiments without the head; ``select`` never substitutes it silently.
+
+The public lmms-eval arguments keep working under their own spelling (``fastvid_DySeg_c`` ... ``fastvid_DTM_beta``
+are aliases of the lower-case names).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import TokenSelection, VideoTokenCompressor, check_video_features
+from .registry import Argument, Stages, register
 
 __all__ = [
     "FastVID",
@@ -38,6 +42,26 @@ __all__ = [
     "fastvid_pool_saliency",
     "fastvid_segments",
 ]
+
+FASTVID_ARGUMENTS = (
+    Argument("fastvid_retention_ratio", 0.10, "(0, 1]", "share of each frame's tokens kept (int(N * r) per frame)"),
+    Argument("fastvid_dyseg_c", 8, "[1, inf)", "DySeg: at least this many segments (cuts at the c - 1 least similar "
+             "transitions)", integer=True),
+    Argument("fastvid_dyseg_tau", 0.9, "[-1, 1]", "DySeg: also cut where consecutive frames' global features have a "
+             "cosine similarity below tau"),
+    Argument("fastvid_stprune_d", 0.4, "[0, 1]", "STPrune: share of the kept tokens that are contextual (merged), "
+             "the rest salient"),
+    Argument("fastvid_dtm_p", 4, "[1, inf)", "DTM: one anchor frame every p frames of a segment", integer=True),
+    Argument("fastvid_dtm_beta", 0.6, "[0, 1]", "DTM: lower bound of a contextual token's own weight in its merge"),
+)
+_ARGUMENTS = {argument.name: argument for argument in FASTVID_ARGUMENTS}
+PUBLIC_NAMES = {  # the public code's lmms-eval model args
+    "fastvid_DySeg_c": "fastvid_dyseg_c",
+    "fastvid_DySeg_tau": "fastvid_dyseg_tau",
+    "fastvid_STPrune_d": "fastvid_stprune_d",
+    "fastvid_DTM_p": "fastvid_dtm_p",
+    "fastvid_DTM_beta": "fastvid_dtm_beta",
+}
 
 _NEIGHBOURS = 4  # density = exp(-mean squared distance to the 4 nearest tokens, the token itself included)
 
@@ -152,6 +176,7 @@ class FastVID(VideoTokenCompressor):
     """
 
     name = "fastvid"
+    needs_pooling_head = True
 
     def __init__(
         self,
@@ -162,12 +187,12 @@ class FastVID(VideoTokenCompressor):
         dtm_p: int = 4,
         dtm_beta: float = 0.6,
     ) -> None:
-        self.retention_ratio = _check_number("fastvid_retention_ratio", retention_ratio, "(0, 1]")
-        self.dyseg_c = _check_number("fastvid_dyseg_c", dyseg_c, "[1, inf)", integer=True)
-        self.dyseg_tau = _check_number("fastvid_dyseg_tau", dyseg_tau, "[-1, 1]")
-        self.stprune_d = _check_number("fastvid_stprune_d", stprune_d, "[0, 1]")
-        self.dtm_p = _check_number("fastvid_dtm_p", dtm_p, "[1, inf)", integer=True)
-        self.dtm_beta = _check_number("fastvid_dtm_beta", dtm_beta, "[0, 1]")
+        self.retention_ratio = _ARGUMENTS["fastvid_retention_ratio"].check(retention_ratio)
+        self.dyseg_c = _ARGUMENTS["fastvid_dyseg_c"].check(dyseg_c)
+        self.dyseg_tau = _ARGUMENTS["fastvid_dyseg_tau"].check(dyseg_tau)
+        self.stprune_d = _ARGUMENTS["fastvid_stprune_d"].check(stprune_d)
+        self.dtm_p = _ARGUMENTS["fastvid_dtm_p"].check(dtm_p)
+        self.dtm_beta = _ARGUMENTS["fastvid_dtm_beta"].check(dtm_beta)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -205,9 +230,11 @@ class FastVID(VideoTokenCompressor):
         num_frames, tokens_per_frame, dim = check_video_features(features)
         _check_grid(tokens_per_frame, grid_hw)
         if frame_global is None or saliency is None:
-            default_global, default_saliency = fastvid_default_inputs(features)
-            frame_global = default_global if frame_global is None else frame_global
-            saliency = default_saliency if saliency is None else saliency
+            raise ValueError(
+                "compressor='fastvid' needs frame_global= and saliency=: the output and the attention of SigLIP's "
+                "pooling head (the LLaVA model passes them; see llava.model.pooling_head), or "
+                "fastvid_default_inputs(features) as an explicit stand-in."
+            )
         _check_input("frame_global", frame_global, (num_frames, None))
         _check_input("saliency", saliency, (num_frames, tokens_per_frame))
         salient, context = self.token_counts(tokens_per_frame)
@@ -289,22 +316,6 @@ def _check_input(name: str, value: Any, shape: tuple) -> None:
         raise ValueError(f"{name} must be a floating-point tensor of shape ({want}), got {got}")
 
 
-def _check_number(name: str, value: Any, within: str, *, integer: bool = False) -> float | int:
-    """``value`` within the interval ``within`` (e.g. ``"(0, 1]"``), or a ValueError naming the argument."""
-    if isinstance(value, str):
-        raise ValueError(f"{name}={value!r} must be a number, not a string.")
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name}={value!r} is not a number.")
-    if not math.isfinite(value):
-        raise ValueError(f"{name}={value!r} must be a finite number.")
-    if integer and value != int(value):
-        raise ValueError(f"{name}={value!r} must be an integer.")
-    low, high = (float(v) for v in within[1:-1].split(","))
-    if value < low or value > high or (within[0] == "(" and value == low) or (within[-1] == ")" and value == high):
-        raise ValueError(f"{name}={value!r} is out of range; allowed: {within}.")
-    return int(value) if integer else float(value)
-
-
 def _check_grid(tokens_per_frame: int, grid_hw: tuple[int, int] | None) -> None:
     if grid_hw is None:
         return
@@ -315,3 +326,17 @@ def _check_grid(tokens_per_frame: int, grid_hw: tuple[int, int] | None) -> None:
     if grid_hw[0] * grid_hw[1] != tokens_per_frame:
         raise ValueError(f"grid_hw {tuple(grid_hw)!r} gives {grid_hw[0] * grid_hw[1]} tokens per frame, "
                          f"but the features have {tokens_per_frame}")
+
+
+@register(
+    "fastvid",
+    *FASTVID_ARGUMENTS,
+    summary="FastVID: dynamic temporal segmentation, then per segment the salient tokens (SigLIP head's attention) "
+            "plus density-peak contextual tokens merged over the segment",
+    examples=({"fastvid_retention_ratio": 0.5, "fastvid_dyseg_c": 2, "fastvid_dtm_p": 2},
+              {"fastvid_retention_ratio": 0.1, "fastvid_stprune_d": 0.6, "fastvid_dyseg_tau": 0.99}),
+    aliases=PUBLIC_NAMES,
+)
+def build(settings) -> Stages:
+    return Stages(video=FastVID(settings.fastvid_retention_ratio, settings.fastvid_dyseg_c, settings.fastvid_dyseg_tau,
+                                settings.fastvid_stprune_d, settings.fastvid_dtm_p, settings.fastvid_dtm_beta))

@@ -11,15 +11,15 @@ from llava.compression import (  # noqa: F401  (each registers its method)
     dycoke,
     evs,
     fastv,
+    fastvid,
     flashvid,
+    framefusion,
     holitom,
     prunevid,
     vidcom2,
     visionzip,
 )
 
-# Transcribed from its public code and tested (tests/test_fastvid.py), not registered yet: fastvid (it needs SigLIP's
-# pooling head, which LLaVA checkpoints do not ship).
 from llava.compression.base import VideoTokenCompressor
 from llava.compression.decoding import DecodeCompressor
 from llava.compression.dycoke_kv import DyCokeKV

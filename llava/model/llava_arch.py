@@ -155,20 +155,52 @@ class LlavaMetaForCausalLM:
             raise ValueError(f"Unknown mm_spatial_pool_mode {mode!r}; allowed: {', '.join(POOL_MODES)}.")
         return pooled.permute(0, 2, 3, 1).reshape(frames, -1, dim)
 
-    def _encode_with_tower_attention(self, pixels: torch.Tensor, sizes: list[int]):
-        """``encode_images`` that also records, per item, the tower's last-layer attention and keys that a compressor
-        such as VisionZip scores with (a forward pre-hook that changes nothing, removed after)."""
+    def _encode_with_tower_inputs(self, pixels: torch.Tensor, sizes: list[int], compressor):
+        """``encode_images`` plus, per item, what ``compressor`` reads from the tower besides the features (unpooled):
+        ``attention`` (F, patches) and ``keys`` (F, patches, head_dim) of the tower's last layer
+        (``needs_tower_attention``: VisionZip, FlashVID, HoliTom; recorded by a forward pre-hook that changes nothing),
+        ``frame_global`` (F, C) and ``saliency`` (F, patches) from SigLIP's pooling head (``needs_pooling_head``:
+        FastVID)."""
+        from contextlib import ExitStack
+
         from llava.compression.visionzip import record_siglip_attention
 
-        last_layer = self.get_vision_tower().vision_tower.vision_model.encoder.layers[-1]
-        with record_siglip_attention(last_layer) as records:
-            features = self.encode_images(pixels)
-        attention, keys = records[0]
-        return features, list(zip(attention.split(sizes), keys.split(sizes)))
+        model = self.get_model()
+        tower = model.get_vision_tower()
+        inputs = {}
+        with ExitStack() as stack:
+            if compressor.needs_tower_attention:
+                records = stack.enter_context(record_siglip_attention(tower.vision_tower.vision_model.encoder.layers[-1]))
+            patches = tower(pixels)
+        if compressor.needs_tower_attention:
+            inputs["attention"], inputs["keys"] = records[0]
+        if compressor.needs_pooling_head:
+            from llava.model.pooling_head import load_pooling_head, run_pooling_head
 
-    def _video_tokens(self, features: torch.Tensor, tower_attention=None) -> tuple[torch.Tensor, torch.Tensor, VideoRecord]:
+            head = load_pooling_head(self)
+            inputs["frame_global"], inputs["saliency"] = run_pooling_head(
+                tower.vision_tower.vision_model.post_layernorm, head, patches)
+        projector_dtype = next(model.mm_projector.parameters()).dtype
+        features = model.mm_projector(patches.to(projector_dtype))
+        per_item = [dict(zip(inputs, values)) for values in zip(*(value.split(sizes) for value in inputs.values()))]
+        return features, per_item
+
+    def _pooled_tower_inputs(self, tower_inputs: dict, dtype: torch.dtype) -> dict:
+        """The tower inputs of one video on the pooled token grid, pooled exactly like the features (as the public
+        adaptations do: ``get_2dPool`` of a one-channel map for scores); ``frame_global`` is per frame already."""
+        pooled = {}
+        for name, value in tower_inputs.items():
+            if name in ("attention", "saliency"):
+                pooled[name] = self.get_2dPool(value[..., None].to(dtype))[..., 0]
+            elif name == "keys":
+                pooled[name] = self.get_2dPool(value.to(dtype))
+            else:
+                pooled[name] = value
+        return pooled
+
+    def _video_tokens(self, features: torch.Tensor, tower_inputs: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, VideoRecord]:
         """Projected frame features (F, patches, D) -> (tokens (M, D), video-token mask (M,), record).
-        ``tower_attention``: (attention (F, patches), keys (F, patches, head_dim)) for a compressor that needs them."""
+        ``tower_inputs``: what the compressor reads from the tower besides the features (``_encode_with_tower_inputs``)."""
         pooled = self.get_2dPool(features)
         side = math.isqrt(pooled.shape[1])
         position = getattr(self.config, "mm_newline_position", "one_token")
@@ -181,12 +213,8 @@ class LlavaMetaForCausalLM:
         compressor = self.video_compressor()
         if compressor is None:
             selection = None
-        elif compressor.needs_tower_attention:  # pooled like the features, as the public adaptation does
-            attention, keys = tower_attention
-            pooled_attention = self.get_2dPool(attention[..., None].to(pooled.dtype))[..., 0]
-            selection = compressor.select(pooled, attention=pooled_attention, keys=self.get_2dPool(keys.to(pooled.dtype)))
         else:
-            selection = compressor.select(pooled)
+            selection = compressor.select(pooled, **self._pooled_tower_inputs(tower_inputs or {}, pooled.dtype))
         record = VideoRecord(pooled.detach(), selection)
         if selection is not None and self.keep_video_positions():
             (tokens, video_mask), record.positions, record.span = assemble_video_tokens_in_place(
@@ -254,15 +282,16 @@ class LlavaMetaForCausalLM:
         _check_pixels(items, modalities, tower.image_size)
         sizes = [item.shape[0] for item in items]
         compressor = self.video_compressor()
-        if compressor is not None and compressor.needs_tower_attention and "video" in modalities:
-            features, tower_attention = self._encode_with_tower_attention(torch.cat(items), sizes)
+        reads_tower = compressor is not None and (compressor.needs_tower_attention or compressor.needs_pooling_head)
+        if reads_tower and "video" in modalities:
+            features, tower_inputs = self._encode_with_tower_inputs(torch.cat(items), sizes, compressor)
         else:
-            features, tower_attention = self.encode_images(torch.cat(items)), [None] * len(items)
+            features, tower_inputs = self.encode_images(torch.cat(items)), [{}] * len(items)
         features = torch.split(features, sizes)
         results = []
         for index, (feature, modality) in enumerate(zip(features, modalities)):
             if modality == "video":
-                results.append(self._video_tokens(feature, tower_attention[index]))
+                results.append(self._video_tokens(feature, tower_inputs[index]))
             else:
                 size = image_sizes[index] if image_sizes is not None and index < len(image_sizes) else None
                 tokens = self._image_tokens(feature, size)
