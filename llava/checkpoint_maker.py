@@ -164,7 +164,9 @@ def pooling_head_weights(spec: TinySpec, seed: int) -> dict[str, torch.Tensor]:
     """Random weights of SigLIP's attention-pooling head (``vision_model.head.*``), the part of the published tower
     that LLaVA checkpoints drop and FastVID reads from the tower's own folder (llava.model.pooling_head)."""
     from transformers import SiglipVisionConfig
-    from transformers.models.siglip.modeling_siglip import SiglipMultiheadAttentionPoolingHead
+    from transformers.models.siglip.modeling_siglip import (
+        SiglipMultiheadAttentionPoolingHead,
+    )
 
     with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
         torch.manual_seed(seed + 1)
@@ -204,7 +206,10 @@ def preprocessor_config(spec: TinySpec) -> dict:
 
 def random_state_dict(config: dict, seed: int) -> dict[str, torch.Tensor]:
     """Random weights under the checkpoint's names, with a scale that keeps activations O(1)."""
-    from llava.model.language_model.llava_qwen import LlavaQwenForCausalLM, config_from_dict
+    from llava.model.language_model.llava_qwen import (
+        LlavaQwenForCausalLM,
+        config_from_dict,
+    )
 
     torch.manual_seed(seed)
     llava_config = config_from_dict(config, None)

@@ -343,8 +343,8 @@ def test_pool_saliency_bilinear():
 
 
 def test_zero_tokens_per_frame_warns():
+    feats = torch.randn(3, 16, 4)
     with pytest.warns(UserWarning, match="fastvid_retention_ratio=0.05"):
-        feats = torch.randn(3, 16, 4)
         sel = FastVID(0.05).select(feats, **stand_in(feats))
     assert sel.num_kept == 0 and sel.per_frame.tolist() == [0, 0, 0]
 
@@ -399,7 +399,9 @@ def reference_head_inputs(tower_folder, patches, post_layernorm, pooled_hw):
     split into q, k; softmax per head, mean over heads), bilinear to the pooled grid."""
     from safetensors.torch import load_file
     from transformers import SiglipVisionConfig
-    from transformers.models.siglip.modeling_siglip import SiglipMultiheadAttentionPoolingHead
+    from transformers.models.siglip.modeling_siglip import (
+        SiglipMultiheadAttentionPoolingHead,
+    )
 
     config = SiglipVisionConfig(**json.loads((tower_folder / "config.json").read_text()))
     weights = {k.split("vision_model.head.", 1)[1]: v for k, v in load_file(tower_folder / "model.safetensors").items()}

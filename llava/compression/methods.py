@@ -19,7 +19,6 @@ from llava.compression import (  # noqa: F401  (each registers its method)
     vidcom2,
     visionzip,
 )
-
 from llava.compression.base import VideoTokenCompressor
 from llava.compression.decoding import DecodeCompressor
 from llava.compression.dycoke_kv import DyCokeKV
