@@ -19,7 +19,12 @@ Methods (``--methods``, groups of the table; each row one setting):
   pair isolates dynamic (re-chosen at decoding steps) against one-shot (chosen once at prefill) pruning;
 - ``vidcom2``: r in {0.1, 0.25, 0.5};
 - ``evs``: EVS (vLLM's efficient video sampling), q in {0.5, 0.75, 0.9} (about 50/25/10% of the video tokens kept),
-  and q=0.75 followed by DyCoke's KV pruning (L=2, p=0.7).
+  and q=0.75 followed by DyCoke's KV pruning (L=2, p=0.7);
+- ``visionzip``, ``fastvid``, ``flashvid``, ``prunevid``, ``holitom``, ``framefusion``: each at its setting for about
+  50%, 25% and 10% of the video tokens (their budgets are per frame, per merge or per layer, so the token columns
+  say what each kept), and the pre-LLM ones (VisionZip, FastVID, FlashVID without its in-LLM stage) at 25% followed
+  by DyCoke's KV pruning (L=2, p=0.7). The toy has 4 layers: an in-LLM stage the papers place at layer 10-20 of 28
+  runs at layer 1-3 here (the ``*_layer`` / ``*_k`` arguments below).
 
 Every row of a method that compresses before the LM (``dycoke``, ``merging``, ``vidcom2``, ``evs``) is run twice
 (``--positions``): with the kept video tokens renumbered (packed together, as the public code does: the default) and
@@ -78,7 +83,8 @@ def method_grid() -> list[Method]:
     for q in (0.5, 0.75, 0.9):
         methods.append(Method("evs", f"EVS q={q}", {"compressor": "evs", "evs_rate": q}))
     methods.append(Method("evs", "EVS q=0.75 + KV L=2 p=0.7",
-                          {"compressor": "evs", "evs_rate": 0.75, "dycoke_l": 2, "dycoke_p": 0.7}))
+                          {"compressor": "evs", "evs_rate": 0.75, **KV}))
+    methods += compared_methods()
     grid = []
     for m in methods:  # each row of a method before the LM, then the same with the positions kept
         grid.append(m)
@@ -87,9 +93,45 @@ def method_grid() -> list[Method]:
     return grid
 
 
+KV = {"dycoke_l": 2, "dycoke_p": 0.7}  # DyCoke's KV pruning after a pre-LLM method
+
+
+def compared_methods() -> list[Method]:
+    """The methods DyCoke is compared with, at about 50/25/10% of the video tokens (16 per frame on the toy)."""
+    methods = []
+    for dominant, contextual in ((6, 2), (3, 1), (1, 1)):  # VisionZip's 54:10 split of 8, 4, 2 tokens per frame
+        methods.append(Method("visionzip", f"VisionZip {dominant}+{contextual}/frame", {
+            "compressor": "visionzip", "visionzip_dominant": dominant, "visionzip_contextual": contextual}))
+    for share in SHARES:
+        methods.append(Method("fastvid", f"FastVID r={share}", {"compressor": "fastvid", "fastvid_retention_ratio": share}))
+    for share in SHARES:  # the published in-LLM pruning (layer 20 of 28, 30% kept) at layer 3 of 4
+        methods.append(Method("flashvid", f"FlashVID r={share}", {
+            "compressor": "flashvid", "flashvid_retention_ratio": share, "flashvid_pruning_layer": 3}))
+    for alpha in (1.0, 0.4, 0.1):  # the merging before the LLM keeps about half; alpha (0.4 published) the rest
+        methods.append(Method("prunevid", f"PruneVid alpha={alpha}", {
+            "compressor": "prunevid", "prunevid_alpha": alpha, "prunevid_layer": 1}))  # layer 10 of 28 -> 1 of 4
+    for share in SHARES:  # the inner merge at layer 2 of 4 (18 of 28), half the video tokens merged away there
+        methods.append(Method("holitom", f"HoliTom r={share}", {"compressor": "holitom", "holitom_r": share,
+                                                                 "holitom_k": 2}))
+    for share in SHARES:
+        methods.append(Method("framefusion", f"FrameFusion cost={share}", {
+            "compressor": "framefusion", "framefusion_cost": share}))
+    methods.append(Method("visionzip", "VisionZip 3+1/frame + KV L=2 p=0.7", {
+        "compressor": "visionzip", "visionzip_dominant": 3, "visionzip_contextual": 1, **KV}))
+    methods.append(Method("fastvid", "FastVID r=0.25 + KV L=2 p=0.7", {
+        "compressor": "fastvid", "fastvid_retention_ratio": 0.25, **KV}))
+    methods.append(Method("flashvid", "FlashVID r=0.25 vision only + KV L=2 p=0.7", {
+        "compressor": "flashvid", "flashvid_retention_ratio": 0.25, "flashvid_pruning_layer": 3,
+        "flashvid_llm_retention_ratio": 1.0, **KV}))
+    return methods
+
+
+SHARES = (0.5, 0.25, 0.1)
 MOVEMENT_SETTINGS = {"compressor": "dycoke", "dycoke_k": 0.0, "dycoke_l": 2, "dycoke_p": 0.7}
-GROUPS = ("baseline", "dycoke", "merging", "kv", "fastv", "vidcom2", "evs")
-PRE_LLM_GROUPS = ("dycoke", "merging", "vidcom2", "evs")  # a method before the LM: rows with positions kept too
+GROUPS = ("baseline", "dycoke", "merging", "kv", "fastv", "vidcom2", "evs", "visionzip", "fastvid", "flashvid",
+          "prunevid", "holitom", "framefusion")
+# a method before the LM only: rows with positions kept too
+PRE_LLM_GROUPS = ("dycoke", "merging", "vidcom2", "evs", "visionzip", "fastvid")
 POSITIONS = ("both", "renumbered", "kept")
 
 
@@ -106,14 +148,18 @@ def load_videos(rows: list[dict], image_processor, num_frames: int) -> list[torc
 
 
 def token_counts(stats: dict, num_layers: int, rows: int) -> dict:
-    """Video tokens per clip: entering the LM, attended by the deep layers when decoding, mean over layers."""
+    """Video tokens per clip: entering the LM, attended by the deep layers when decoding, mean over layers. A
+    decode-time stage reports either what each layer sees (``video_tokens_per_layer``: FrameFusion) or the tokens
+    kept (or active) from its ``layer`` on (DyCoke's KV pruning, FastV and the methods built on it)."""
     into = stats["video_tokens_after"] / rows
-    deep, layer = into, num_layers
-    for key, kept in (("kv_pruning", "active_image_tokens"), ("fastv", "kept_image_tokens")):
-        pruning = stats.get(key)
-        if pruning and pruning.get(kept):
-            deep, layer = statistics.fmean(pruning[kept]), pruning["layer"]
-    per_layer = (layer * into + (num_layers - layer) * deep) / num_layers
+    deep, per_layer = into, into
+    for stage in (value for value in stats.values() if isinstance(value, dict)):
+        if stage.get("video_tokens_per_layer"):
+            layers = [statistics.fmean(row) for row in zip(*stage["video_tokens_per_layer"])]  # mean over rows
+            deep, per_layer = layers[-1], statistics.fmean(layers)
+        elif stage.get("kept_image_tokens") or stage.get("active_image_tokens"):
+            deep = statistics.fmean(stage.get("kept_image_tokens") or stage["active_image_tokens"])
+            per_layer = (stage["layer"] * into + (num_layers - stage["layer"]) * deep) / num_layers
     return {"into_lm": into, "attended_deep": deep, "per_layer": per_layer}
 
 
@@ -230,8 +276,9 @@ def plot(results: list[dict], path: Path) -> None:
 
     panels = ["all", *FAMILIES]
     fig, axes = plt.subplots(2, 3, figsize=(13, 7.5), sharex=True, sharey=True)
-    colours = dict(zip(GROUPS, ("black", "tab:red", "tab:orange", "tab:purple", "tab:blue", "tab:green", "tab:brown")))
-    markers = dict(zip(GROUPS, ("*", "o", "s", "D", "^", "v", "P")))
+    colours = dict(zip(GROUPS, ("black", "tab:red", "tab:orange", "tab:purple", "tab:blue", "tab:green", "tab:brown",
+                                "tab:pink", "tab:olive", "tab:cyan", "tab:gray", "gold", "navy")))
+    markers = dict(zip(GROUPS, ("*", "o", "s", "D", "^", "v", "P", "X", "<", ">", "h", "p", "d")))
     for ax, panel in zip(axes.flat, panels):
         for group in GROUPS:
             for kept in (False, True):  # renumbered (solid), positions kept (dashed, open markers)

@@ -10,7 +10,9 @@ What is compared, every combination measured in the same process:
 
 - methods (``--methods``): ``baseline``, ``dycoke`` (TTM k=0.7 + KV pruning L=3, p=0.7), ``dycoke-ttm`` (DyCoke's
   merging alone, p=0: isolates what the KV pruning does to a decoding step), ``vidcom2`` (r=0.25), ``fastv``
-  (K=2, R=0.5);
+  (K=2, R=0.5), and (METHODS below) ``keep_positions`` variants, EVS, VisionZip, FastVID, FlashVID, PruneVid,
+  HoliTom, FrameFusion and pre-LLM methods followed by DyCoke's KV pruning (``-kv``). FastVID needs SigLIP's pooling
+  head from the tower's checkpoint: the CUDA configs, built without files, cannot run it;
 - decoding modes (``--modes``): ``eager`` (``generate`` with its dynamic cache, no compilation) and ``compiled``
   (``cache_implementation="static"`` + a ``CompileConfig(fullgraph=True, dynamic=False)`` with
   ``--compile-backend``: inductor measures real speed, ``eager`` only checks that decoding compiles (quick checks,
@@ -115,7 +117,26 @@ METHODS = {
     "evs": {"compressor": "evs", "evs_rate": 0.75},
     # EVS followed by DyCoke's KV pruning (composition): against "evs", what the pruning does to a decode step.
     "evs-kv": {"compressor": "evs", "evs_rate": 0.75, "dycoke_l": 3, "dycoke_p": 0.7},
+    # The methods DyCoke is compared with, each at about 25% of the video tokens (VisionZip: 12 of 49 per frame). Their
+    # in-LLM layers are the papers' (10, 18 and 20 of 28) at the same depth of the model measured (3, 5, 6 of 8).
+    "visionzip": {"compressor": "visionzip", "visionzip_dominant": 10, "visionzip_contextual": 2},
+    "fastvid": {"compressor": "fastvid", "fastvid_retention_ratio": 0.25},
+    "fastvid-kv": {"compressor": "fastvid", "fastvid_retention_ratio": 0.25, "dycoke_l": 3, "dycoke_p": 0.7},
+    "flashvid": {"compressor": "flashvid", "flashvid_retention_ratio": 0.25, "flashvid_pruning_layer": 20 / 28},
+    "prunevid": {"compressor": "prunevid", "prunevid_layer": 10 / 28},
+    "holitom": {"compressor": "holitom", "holitom_r": 0.25, "holitom_k": 18 / 28},
+    "framefusion": {"compressor": "framefusion", "framefusion_cost": 0.3},
 }
+DEPTH_ARGUMENTS = ("flashvid_pruning_layer", "prunevid_layer", "holitom_k")  # given above as a share of the depth
+
+
+def method_settings(method: str, num_layers: int) -> dict:
+    """``METHODS[method]`` for a model of ``num_layers`` layers: a depth share becomes a layer in [1, layers - 1]."""
+    settings = dict(METHODS[method])
+    for name in DEPTH_ARGUMENTS:
+        if name in settings:
+            settings[name] = min(max(round(settings[name] * num_layers), 1), num_layers - 1)
+    return settings
 DEFAULT_METHODS = tuple(METHODS)
 ATTENTION_BACKENDS = ("sdpa", "eager", "flash_attention_2")
 MODES = ("eager", "compiled")
@@ -397,11 +418,13 @@ def build_bench(args, workdir: Path) -> Bench:
 def loaded_checkpoint_model(config: BenchConfig, attn: str, device: str, dtype: str, seed: int, workdir: Path):
     """Write a random checkpoint in the real format and load it as users do."""
     from llava.model.builder import load_pretrained_model
+    from llava.model.pooling_head import load_pooling_head
 
     folder = make_tiny_checkpoint(workdir / "checkpoint", config.spec, seed=seed)
     tokenizer, model, _, _ = load_pretrained_model(
         str(folder), None, "llava_qwen", device_map=device, torch_dtype=dtype, attn_implementation=attn
     )
+    load_pooling_head(model)  # FastVID's, read from the tower folder before the folder is removed
     return model, tokenizer
 
 
@@ -671,7 +694,7 @@ def benchmark_block(bench: Bench, mode: str, args, compiled, counts: dict) -> tu
     graphs_start = compiled_graphs()
     for _ in range(warmups):
         for method in args.methods:
-            model.configure_compression(**METHODS[method])
+            model.configure_compression(**method_settings(method, model.config.num_hidden_layers))
             start = time.perf_counter()
             measure_once(bench, kwargs, args)
             warmup_s[method] += time.perf_counter() - start
@@ -679,7 +702,7 @@ def benchmark_block(bench: Bench, mode: str, args, compiled, counts: dict) -> tu
     runs: dict[str, list[dict]] = {method: [] for method in args.methods}
     for run in range(args.runs):
         for method in args.methods:
-            model.configure_compression(**METHODS[method])
+            model.configure_compression(**method_settings(method, model.config.num_hidden_layers))
             runs[method].append(measure_once(bench, kwargs, args))
             say(f"    run {run + 1}/{args.runs} {method}: " + _short_summary(runs[method][-1]))
     graphs_end = compiled_graphs()
@@ -1111,7 +1134,7 @@ def run_benchmark(args) -> dict:
         model.set_attn_implementation(attn)
         counts = {}
         for method in args.methods:
-            model.configure_compression(**METHODS[method])
+            model.configure_compression(**method_settings(method, model.config.num_hidden_layers))
             counts[method] = token_counts(bench)
         for regime in args.regimes:
             with attention_regime(model, config.scale(regime)):
@@ -1136,7 +1159,7 @@ def run_benchmark(args) -> dict:
         "batches": list(BATCHES),
         "short_tokens": args.short_tokens,
         "long_tokens": args.long_tokens,
-        "methods": {method: METHODS[method] for method in args.methods},
+        "methods": {method: method_settings(method, model.config.num_hidden_layers) for method in args.methods},
         "modes": list(args.modes),
         "regimes": {regime: {"attention_logit_scale": config.scale(regime)} for regime in args.regimes},
         "attn": list(args.attn),

@@ -461,17 +461,18 @@ def test_a_tower_checkpoint_without_the_head_is_refused_by_name(tiny_checkpoint,
     import shutil
 
     from llava.model.builder import load_pretrained_model
-    from tests.conftest import random_video as frames
-    from tests.test_conformance import prompt_ids
 
     copy = shutil.copytree(tiny_checkpoint, tmp_path / "no-head")
     (copy / "vision_tower" / "model.safetensors").unlink()
-    tokenizer, model, _, _ = load_pretrained_model(str(copy), None, "llava_qwen", device_map="cpu",
-                                                   torch_dtype="float32", compressor="fastvid")
-    video = frames(4, model.get_vision_tower().image_size, seed=64)
     with pytest.raises(ValueError, match=r"compressor='fastvid' reads SigLIP's pooling head .* has no \*\.safetensors"):
-        model.generate(prompt_ids(tokenizer, "What?"), images=[video], modalities=["video"], max_new_tokens=1)
+        load_pretrained_model(str(copy), None, "llava_qwen", device_map="cpu", compressor="fastvid")
+    _, model, _, _ = load_pretrained_model(str(copy), None, "llava_qwen", device_map="cpu")
+    with pytest.raises(ValueError, match=r"has no \*\.safetensors"):  # at configuration, the model unchanged
+        model.configure_compression(compressor="fastvid")
+    assert model.compression.compressor == "none"
+    model.config.mm_vision_tower = "elsewhere"
+    with pytest.raises(ValueError, match=r"mm_vision_tower='elsewhere' is no folder .* and no hub id"):
+        model.configure_compression(compressor="fastvid")
     model.config.mm_vision_tower = "google/siglip-so400m-patch14-384"  # the published name, offline here
-    model.__dict__.pop("_siglip_pooling_head", None)
     with pytest.raises(ValueError, match=r"mm_vision_tower='google/siglip-so400m-patch14-384' .* could not get it"):
-        model.generate(prompt_ids(tokenizer, "What?"), images=[video], modalities=["video"], max_new_tokens=1)
+        model.configure_compression(compressor="fastvid")

@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-import llava.compression.framefusion  # noqa: F401  (registers the method)
+import llava.compression.methods  # noqa: F401  (registers every method)
 from llava.compression import compressed
 from llava.compression.decoding import GenerationInputs
 from llava.compression.framefusion import FrameFusion, merge_step, pruning_ratio
@@ -467,3 +467,24 @@ def test_on_qwen2_vl_it_matches_the_full_sequence_reference():
     assert torch.equal(tokens, ref_tokens)
     torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
     assert stats["video_tokens_per_layer"] == [rule.per_layer] and rule.per_layer[-1] < len(positions)
+
+
+def test_qwen3_vl_with_deepstack_layers_is_refused_by_name():
+    """Qwen3-VL adds visual features to the video tokens after its first layers: merging them from layer 0 would drop
+    those additions, so the model refuses FrameFusion (and nothing is attached)."""
+    from tests import native_models as nm
+
+    model = nm.qwen3_vl()
+    with pytest.raises(ValueError, match=r"compressor='framefusion' merges video tokens .*\(deepstack\)"), compressed(
+            model, compressor="framefusion"):
+        pass
+    assert not model.model.language_model._forward_pre_hooks
+
+
+def test_fastvid_is_refused_by_name_on_the_transformers_models():
+    from tests import native_models as nm
+
+    for build in (nm.qwen2_5_vl, nm.llava_onevision):
+        with pytest.raises(ValueError, match="compressor='fastvid' reads SigLIP's attention-pooling head"), compressed(
+                build(), compressor="fastvid"):
+            pass

@@ -158,6 +158,7 @@ class FrameFusion(DecodeCompressor):
     name = "framefusion"
     label = "FrameFusion"
     stats_key = "framefusion"
+    merges_from_layer_zero = True  # a model that adds features to the video tokens between layers refuses it
 
     def __init__(self, cost: float = 0.3, similarity_lower_bound: float = 0.6, ratio_lower_bound: float = 0.1):
         self.cost = check_setting("framefusion_cost", cost)

@@ -17,7 +17,10 @@ The same pieces as in the LLaVA-NeXT model, applied through transformers' extens
   LLaVA-NeXT code (and so this package's model) builds the sequence, unless ``keep_positions=True``: then, as on the
   Qwen models, the kept tokens stay in their original order at their original (1-D) positions and decoding continues
   from the whole prompt's length. The Qwen models always keep the positions (M-RoPE; the setting changes nothing
-  there). The video's trailing newline is always kept;
+  there). The video's trailing newline is always kept. A merging method's kept tokens enter the LM with their merged
+  values (``TokenSelection.kept_features``); Qwen3-VL's deepstack features stay each kept token's own, as in the public
+  FlashVID code. A method that scores tokens with the vision tower's attention (VisionZip, FlashVID, HoliTom) gets it
+  from :mod:`.tower_attention`, recorded while ``get_video_features`` runs;
 - while decoding, DyCoke's KV pruning and FastV run their :mod:`.decoding` state through forward hooks on the
   decoder layers and a cache subclass that the first forward of a generation puts in place of generate's cache
   (generate then keeps using the cache the model returns). The state lives in that cache: nothing of a generation
@@ -50,9 +53,10 @@ from llava.compression.fastv import FastV
 from llava.compression.masks import BOOL, KeyMask
 from llava.compression.methods import CompressionSetup
 from llava.compression.settings import CompressionSettings, settings_from_kwargs
+from llava.compression.tower_attention import TowerAttention, tower_recorder
 from llava.transformers_compat import CACHE_ARG, cache_argument, pop_cache_argument
 
-__all__ = ["NativeCompression", "SUPPORTED_MODELS", "apply_compression", "compressed", "remove_compression"]
+__all__ = ["SUPPORTED_MODELS", "NativeCompression", "apply_compression", "compressed", "remove_compression"]
 
 _DEFAULT_DECODED_CAPACITY = 128  # decoded tokens planned for with a dynamic cache (more grow the buffers)
 
@@ -148,16 +152,26 @@ class NativeCompression:
             family = dataclasses.replace(family, keep_positions=True, sorted_order=True)
         self.model, self.family, self.settings = model, family, settings
         setup = CompressionSetup.build(settings)
-        if setup.video is not None and setup.video.needs_tower_attention:
+        if setup.video is not None and setup.video.needs_pooling_head:
             raise ValueError(
-                f"compressor={settings.compressor!r} scores tokens with the vision tower's attention, which "
+                f"compressor={settings.compressor!r} reads SigLIP's attention-pooling head, which "
                 f"{type(model).__name__} does not hand to compressors here; it runs on the LLaVA-OneVision / "
-                "LLaVA-Video checkpoints loaded with llava.model.builder.load_pretrained_model."
+                "LLaVA-Video checkpoints loaded with llava.model.builder.load_pretrained_model (the public FastVID code "
+                "for Qwen2.5-VL is another algorithm, with its own inputs, not transcribed here)."
             )
+        needs_tower = setup.video is not None and setup.video.needs_tower_attention
+        self.tower = tower_recorder(model, settings.compressor) if needs_tower else None  # may refuse the model
+        self.encoded: list[TowerAttention] | None = None  # the tower attention of a forward's videos, until used
         self.video_compressor, self.decoder = setup.video, setup.decoder
         self.language_model = model.model.language_model
         self.video_token_id = _video_token_id(model.config)
         deepstack = len(getattr(getattr(model.config, "vision_config", None), "deepstack_visual_indexes", []) or [])
+        if deepstack and getattr(self.decoder, "merges_from_layer_zero", False):
+            raise ValueError(
+                f"compressor={settings.compressor!r} merges video tokens from the first layers on, but "
+                f"{type(model).__name__} adds visual features to their hidden states after each of its first "
+                f"{deepstack} layers (deepstack): the merged tokens would lose them. Not supported on this model."
+            )
         if isinstance(self.decoder, FastV) and self.decoder.layer < deepstack:
             argument = getattr(self.decoder, "layer_argument", "fastv_k")  # a FastV-based method names its own
             value = getattr(settings, argument)  # as given (PruneVid's layer is the one before its first pruned)
@@ -184,8 +198,10 @@ class NativeCompression:
         for layer in self.language_model.layers:
             self.handles.append(layer.register_forward_pre_hook(_before_decoder_layer, with_kwargs=True))
             self.handles.append(layer.register_forward_hook(_after_decoder_layer, with_kwargs=True))
-        if self.family.needs_grid:
-            _record_video_grids(model.model)
+        if self.family.needs_grid or self.tower is not None:
+            _record_video_features(model.model, self)
+        if self.tower is not None:  # what a forward's tower recorded is not kept past it
+            self.handles.append(model.register_forward_hook(self._forget_encoded, always_call=True))
         stock_generate = model.generate
 
         @functools.wraps(stock_generate)
@@ -204,6 +220,9 @@ class NativeCompression:
         self.model.__dict__.pop("llava_compression", None)
 
     # ---- hooks ---------------------------------------------------------------------------------------------------
+
+    def _forget_encoded(self, module, args, output):
+        self.encoded = None
 
     def _generate(self, stock_generate, *args, **kwargs):
         """``model.generate`` with compression applied: the call gets a cache made for it (dynamic, or static with
@@ -251,11 +270,14 @@ class NativeCompression:
         if not runs:
             return None
         grids = self._video_grids(kwargs) if self.family.needs_grid else None
+        encoded = (kwargs.get("mm_encoder_outputs") or {}).get("video")  # generate encoded the videos already
+        tower, self.encoded = getattr(encoded, "llava_tower_attention", None), None  # else this forward encodes them
         if cache is None:
             if self.decoder is not None and kwargs.get("use_cache") is False:
                 raise ValueError(f"{self.decoder.name} works on the KV cache: run with use_cache=True")
             cache = CompressionDynamicCache(self.model.config, None)
         cache.sequence = _Sequence(self, _videos(runs, grids, self.family, self.model.config), input_ids.shape)
+        cache.sequence.tower = tower
         pop_cache_argument(kwargs)
         kwargs[CACHE_ARG], kwargs["use_cache"] = cache, True
         if args:
@@ -324,13 +346,18 @@ class _Sequence:
         self.batch, self.length = shape
         self.phase = PREFILL
         self.valid = self.dropped = self.mask = None
+        self.tower = None  # per video, the tower attention (compressors that need it), when generate encoded them
 
     def compact_prefill(self, kwargs, cache) -> None:
         """Choose the kept video tokens, then shorten ``inputs_embeds`` and its positions and mask to them."""
         owner, family = self.owner, self.owner.family
         embeds = kwargs["inputs_embeds"]
         padding = _padding_mask(kwargs.get("attention_mask"), self.batch, self.length, embeds.device)
-        columns, kept_video, before, after = self._kept_columns(embeds, padding)
+        columns, kept_video, before, after, merged = self._kept_columns(embeds, padding)
+        if merged:  # merging methods: the kept tokens carry their merged values
+            embeds = embeds.clone()
+            for row, kept_columns, values in merged:
+                embeds[row, kept_columns] = values.to(embeds.dtype)
         width = max(len(row) for row in columns)
         index = torch.zeros(self.batch, width, dtype=torch.long, device=embeds.device)
         valid = torch.zeros(self.batch, width, dtype=torch.bool, device=embeds.device)
@@ -395,18 +422,26 @@ class _Sequence:
     # ---- helpers -------------------------------------------------------------------------------------------------
 
     def _kept_columns(self, embeds: torch.Tensor, padding: torch.Tensor):
-        """Per row: the columns kept, in sequence order, and whether each is a video token (the compressor's)."""
+        """Per row: the columns kept, in sequence order, and whether each is a video token (the compressor's); the
+        video token counts before and after; and (row, kept columns, values) of each video whose tokens merge."""
         family, compressor = self.owner.family, self.owner.video_compressor
         columns = [padding[row].nonzero().flatten().tolist() for row in range(self.batch)]
         kept_video = [[False] * len(cols) for cols in columns]
+        tower = self._tower_attention()
         before = after = 0
+        merged = []
         for row in range(self.batch):
             chosen, video_columns = {}, set()
-            for video in (video for video in self.videos if video.row == row):
+            for number, video in ((n, video) for n, video in enumerate(self.videos) if video.row == row):
                 columns_of_video = video.columns
                 features = embeds[row, columns_of_video].reshape(video.frames, video.per_frame, -1)
-                selection = compressor.select(features).index.tolist() if compressor is not None else None
-                kept = columns_of_video if selection is None else [columns_of_video[i] for i in selection]
+                kept = columns_of_video
+                if compressor is not None:
+                    scores = {} if tower is None else {"attention": tower[number].attention, "keys": tower[number].keys}
+                    selection = compressor.select(features, **scores)
+                    kept = [columns_of_video[i] for i in selection.index.tolist()]
+                    if selection.values is not None:
+                        merged.append((row, kept, selection.kept_features(features)))
                 if family.sorted_order:  # each kept token stays where it is
                     chosen.update((column, [column]) for column in kept)
                 else:  # the kept tokens, in the selection's order, take the place of the video
@@ -422,7 +457,28 @@ class _Sequence:
                     row_columns.append(column)
                     row_video.append(False)
             columns[row], kept_video[row] = row_columns, row_video
-        return columns, kept_video, before, after
+        return columns, kept_video, before, after, merged
+
+    def _tower_attention(self):
+        """Per video, the tower attention its compressor scores with (None when it needs none)."""
+        owner = self.owner
+        if owner.tower is None:
+            return None
+        tower, owner.encoded = self.tower or owner.encoded, None
+        if tower is None or len(tower) != len(self.videos):
+            raise ValueError(
+                f"compressor={owner.settings.compressor!r} needs the vision tower's attention of each video, but "
+                f"{0 if tower is None else len(tower)} video(s) of the {len(self.videos)} in the prompt came through "
+                f"{type(owner.model).__name__}'s get_video_features with compression applied; pass the pixels "
+                "(pixel_values_videos), not precomputed features."
+            )
+        for video, scores in zip(self.videos, tower):
+            if tuple(scores.attention.shape) != (video.frames, video.per_frame):
+                raise ValueError(
+                    f"the vision tower's attention has shape {tuple(scores.attention.shape)} but the video has "
+                    f"{video.frames} frames of {video.per_frame} tokens"
+                )
+        return tower
 
     def _positions(self, positions, index: torch.Tensor, valid: torch.Tensor):
         consecutive = (valid.long().cumsum(dim=1) - 1).clamp_min(0)
@@ -468,17 +524,24 @@ def _after_decoder_layer(module, args, kwargs, output):
 # ---- model geometry -------------------------------------------------------------------------------------------------
 
 
-def _record_video_grids(vision_model) -> None:
-    """Wrap the model's ``get_video_features`` (on this instance) so that its output carries the videos' grids:
-    transformers' generate encodes the videos before the prefill and passes only the features to ``forward``."""
+def _record_video_features(vision_model, owner: NativeCompression) -> None:
+    """Wrap the model's ``get_video_features`` (on this instance) so that its output carries the videos' grids and,
+    for a compressor that needs it, the tower attention (``owner.tower`` records it with hooks that change nothing):
+    transformers' generate encodes the videos before the prefill and passes only the features to ``forward``. When
+    the forward encodes them itself, ``owner.encoded`` holds the attention until its language model takes it."""
     original = vision_model.get_video_features
 
     @functools.wraps(original)
     def get_video_features(*args, **kwargs):
-        output = original(*args, **kwargs)
+        if owner.tower is None:
+            output = original(*args, **kwargs)
+        else:
+            output, owner.encoded = owner.tower(original, args, kwargs)
         grids = kwargs.get("video_grid_thw", args[1] if len(args) > 1 else None)
-        if grids is not None and not isinstance(output, (tuple, torch.Tensor)):
-            output.llava_video_grid_thw = grids
+        if not isinstance(output, (tuple, torch.Tensor)):
+            if grids is not None:
+                output.llava_video_grid_thw = grids
+            output.llava_tower_attention = owner.encoded
         return output
 
     vision_model.get_video_features = get_video_features

@@ -203,7 +203,7 @@ def _shape(value: Any) -> str:
     "visionzip",
     *VISIONZIP_ARGUMENTS,
     summary="VisionZip: per frame, the tokens the vision tower attends to most plus merged contextual tokens",
-    examples=({"visionzip_dominant": 4, "visionzip_contextual": 3}, {"visionzip_dominant": 1, "visionzip_contextual": 1}),
+    examples=({"visionzip_dominant": 2, "visionzip_contextual": 1}, {"visionzip_dominant": 1, "visionzip_contextual": 1}),
 )
 def build(settings) -> Stages:
     return Stages(video=VisionZip(settings.visionzip_dominant, settings.visionzip_contextual))

@@ -28,7 +28,12 @@ from dataclasses import dataclass, field
 import torch
 
 from llava.compression.base import TokenSelection, VideoTokenCompressor
-from llava.compression.decoding import DecodeCompressor, GenerationInputs, make_generation_cache, new_token_budget
+from llava.compression.decoding import (
+    DecodeCompressor,
+    GenerationInputs,
+    make_generation_cache,
+    new_token_budget,
+)
 from llava.compression.dycoke_kv import DyCokeKV
 from llava.compression.methods import CompressionSetup
 from llava.compression.settings import (
@@ -72,6 +77,10 @@ class CompressionMixin:
         for name in layer_arguments(settings):  # settings made without this model's layer count
             check_setting(name, getattr(settings, name), self.config.num_hidden_layers)
         setup = CompressionSetup.build(settings)
+        if setup.video is not None and setup.video.needs_pooling_head:  # read once now: a missing head fails here
+            from llava.model.pooling_head import load_pooling_head
+
+            load_pooling_head(self)
         self.__dict__["_compression_setup"] = setup
         return settings
 

@@ -73,6 +73,12 @@ def _head_weights(name: str | None, checkpoint_dir: str | None) -> dict[str, tor
     if not name:
         raise ValueError("compressor='fastvid' needs SigLIP's pooling head, but the config names no mm_vision_tower.")
     folder = resolve_tower_folder(name, checkpoint_dir)
+    if folder is None and "/" not in name:
+        raise ValueError(
+            f"compressor='fastvid' reads SigLIP's pooling head from the vision tower's checkpoint, but "
+            f"mm_vision_tower={name!r} is no folder (looked relative to {checkpoint_dir!r} and to the working "
+            "directory) and no hub id (owner/name)."
+        )
     files = _local_files(folder) if folder is not None else _hub_files(name)
     weights = {}
     for file in files:

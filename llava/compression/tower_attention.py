@@ -1,0 +1,192 @@
+"""The vision tower's attention on transformers' own video LLMs, for the compressors that score video tokens with it
+(``needs_tower_attention``: VisionZip, FlashVID, HoliTom).
+
+Such a compressor's ``select(features, attention=(F, N), keys=(F, N, head_dim))`` needs, for every token the language
+model sees, the attention it RECEIVES in the vision tower's last used layer (mean over heads and over queries) and
+that layer's keys (mean over heads), brought to the LM's tokens the way the features are. A recorder here runs the
+model's own ``get_video_features`` with a forward pre-hook on that layer which only reads its input (the tower's
+outputs are unchanged) and returns one :class:`TowerAttention` per video, in the order of the videos' features.
+
+* LLaVA-OneVision (SigLIP): the encoder layer whose output the model uses (``vision_feature_layer``), scored by
+  :func:`llava.compression.visionzip.siglip_attention_scores`, then pooled per frame with the model's own
+  ``apply_pooling`` (bilinear 27x27 -> 14x14): exactly what this package's LLaVA model does
+  (``llava_arch._encode_with_tower_attention`` / ``_video_tokens``).
+* Qwen2-VL / Qwen2.5-VL / Qwen3-VL: the rule of the public FlashVID code (github.com/Fanziyang-v/FlashVID at
+  1d37422c5afcaa15ee46b5355f5ba798fa93290a, ``flashvid/modeling_qwen2_5_vl.py``:
+  ``Qwen2_5_VisionTransformerPretrainedModel_forward`` and ``Qwen2_5_VLVisionAttention_forward``;
+  ``flashvid/modeling_qwen3_vl.py``: ``Qwen3VLVisionModel_forward`` and ``Qwen3VLVisionAttention_forward``): the
+  LAST vision block, its attention within each temporal step (``cu_seqlens`` per frame: a full-attention block in
+  Qwen2.5-VL, whose other blocks attend within windows), on the rotary-embedded queries and keys; softmax, mean over
+  heads and over the step's queries; then the mean over the ``spatial_merge_size**2`` patches that the merger turns
+  into one LM token; Qwen2.5-VL's window order is undone (``argsort(window_index)``). Keys, which FlashVID does not
+  use, follow ModelTC/LightCompress's Qwen2.5-VL VisionZip (commit 9701d035b0aac5df97a2ebaadb30bcf0707616f5,
+  ``llmc/compression/token_reduction/visionzip.py``: ``Qwen2_5_VLVisionAttention_forward`` and ``merger_hook``): the
+  last block's rotary-embedded keys, mean over the merged patches and over heads. Qwen2-VL has no public version; its
+  blocks all attend within each temporal step, like Qwen3-VL's, and the same rule applies.
+  (VidCom2's ``qwen`` branch scores its Qwen VisionZip / HoliTom with feature norms, not the tower: not followed.)
+
+Departure, on purpose: scores are computed in float32 (FlashVID casts the softmax back to the model dtype before
+averaging); in float32 models both agree.
+"""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+from dataclasses import dataclass
+
+import torch
+
+from .visionzip import record_siglip_attention
+
+__all__ = ["TowerAttention", "tower_recorder"]
+
+
+@dataclass(frozen=True)
+class TowerAttention:
+    """One video's tower attention, per LM token: ``attention`` (F, N) and ``keys`` (F, N, head_dim), float32."""
+
+    attention: torch.Tensor
+    keys: torch.Tensor
+
+
+def tower_recorder(model, method: str):
+    """The recorder for ``model`` (a transformers video LLM), or a ValueError naming ``method`` and the model when its
+    configuration has no tower attention that the public code defines. ``recorder(get_video_features, args, kwargs)``
+    runs the model's ``get_video_features(*args, **kwargs)`` and returns (its output, a TowerAttention per video)."""
+    vision = model.model
+    if hasattr(vision, "vision_tower") and hasattr(vision, "apply_pooling"):
+        return _OnevisionRecorder(model, method)
+    if hasattr(vision, "visual"):
+        return _QwenRecorder(model, method)
+    raise ValueError(f"compressor={method!r}: {type(model).__name__} has no vision tower this package can read.")
+
+
+def _first(args, kwargs, position: int, *names):
+    if len(args) > position:
+        return args[position]
+    return next((kwargs[name] for name in names if kwargs.get(name) is not None), None)
+
+
+# ---- LLaVA-OneVision ------------------------------------------------------------------------------------------------
+
+
+class _OnevisionRecorder:
+    def __init__(self, model, method: str):
+        self.model, self.method = model, method
+        self.layer_index(model.config.vision_feature_layer)  # refused before the model changes
+
+    def layer_index(self, feature_layer) -> int:
+        """The encoder layer whose output is ``hidden_states[feature_layer]`` (index 0 is the embeddings)."""
+        layers = len(self.encoder_layers())
+        if isinstance(feature_layer, int) and not isinstance(feature_layer, bool):
+            index = feature_layer - 1 if feature_layer >= 0 else layers + feature_layer
+            if 0 <= index < layers:
+                return index
+        raise ValueError(
+            f"compressor={self.method!r} scores tokens with the attention of the SigLIP layer whose output "
+            f"{type(self.model).__name__} uses; vision_feature_layer={feature_layer!r} names no single encoder layer "
+            f"of its {layers}."
+        )
+
+    def encoder_layers(self):
+        tower = self.model.model.vision_tower
+        return getattr(tower, "vision_model", tower).encoder.layers  # transformers 5.4 nests it, 5.23 does not
+
+    def __call__(self, encode, args, kwargs):
+        pixels = _first(args, kwargs, 0, "pixel_values_videos", "pixel_values")
+        feature_layer = _first(args, kwargs, 1, "vision_feature_layer")
+        strategy = _first(args, kwargs, 2, "vision_feature_select_strategy")
+        config = self.model.config
+        feature_layer = config.vision_feature_layer if feature_layer is None else feature_layer
+        strategy = config.vision_feature_select_strategy if strategy is None else strategy
+        layer = self.encoder_layers()[self.layer_index(feature_layer)]
+        with record_siglip_attention(layer) as records:
+            output = encode(*args, **kwargs)
+        attention, keys = records[-1]
+        if strategy == "default":  # the features drop the first token: so do the scores
+            attention, keys = attention[:, 1:], keys[:, 1:]
+        pool = self.model.model.apply_pooling  # the features' own 2D pooling
+        attention, keys = pool(attention[..., None])[..., 0], pool(keys)
+        videos, frames = pixels.shape[:2]
+        attention = attention.view(videos, frames, -1)
+        keys = keys.view(videos, frames, attention.shape[-1], -1)
+        return output, [TowerAttention(a, k) for a, k in zip(attention, keys)]
+
+
+# ---- Qwen2-VL, Qwen2.5-VL, Qwen3-VL ---------------------------------------------------------------------------------
+
+
+class _QwenRecorder:
+    def __init__(self, model, method: str):
+        self.model, self.method = model, method
+        visual = model.model.visual
+        self.block = visual.blocks[-1]
+        full = getattr(visual, "fullatt_block_indexes", None)
+        self.windowed = full is not None
+        if self.windowed and len(visual.blocks) - 1 not in full:
+            raise ValueError(
+                f"compressor={method!r}: the public code scores tokens with the last vision block's attention over "
+                f"whole frames; the last block of this {type(model).__name__} attends within windows "
+                f"(fullatt_block_indexes={list(full)}), which it does not define."
+            )
+        self.rotary = importlib.import_module(type(self.block.attn).__module__).apply_rotary_pos_emb_vision
+
+    def __call__(self, encode, args, kwargs):
+        grids = _first(args, kwargs, 1, "video_grid_thw", "grid_thw")
+        records = []
+
+        def hook(module, hook_args, hook_kwargs):
+            hidden = hook_args[0] if hook_args else hook_kwargs["hidden_states"]
+            cu_seqlens = hook_args[1] if len(hook_args) > 1 else hook_kwargs["cu_seqlens"]
+            records.append(self.patch_scores(hidden, cu_seqlens, hook_kwargs["position_embeddings"]))
+
+        handle = self.block.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            output = encode(*args, **kwargs)
+        finally:
+            handle.remove()
+        attention, keys = records[-1]
+        return output, self.per_video(attention, keys, grids)
+
+    def patch_scores(self, hidden: torch.Tensor, cu_seqlens: torch.Tensor, position_embeddings):
+        """Per patch, in the tower's order: (attention received within its segment, mean over heads and queries;
+        rotary-embedded keys, mean over heads), both float32."""
+        attn = self.block.attn
+        with torch.no_grad():
+            x = self.block.norm1(hidden)
+            length = x.shape[0]
+            queries, keys, _ = attn.qkv(x).reshape(length, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+            queries, keys = self.rotary(queries, keys, *position_embeddings)
+            queries, keys = queries.float().transpose(0, 1), keys.float().transpose(0, 1)  # (heads, S, head_dim)
+            received = torch.zeros(length, device=x.device)
+            bounds = cu_seqlens.tolist()  # one host read per video batch, as the tower itself does
+            for start, end in itertools.pairwise(bounds):
+                for head in range(attn.num_heads):
+                    logits = queries[head, start:end] @ keys[head, start:end].T * attn.scaling
+                    received[start:end] += logits.softmax(dim=-1).mean(dim=0)
+        return received / attn.num_heads, keys.mean(dim=0)
+
+    def per_video(self, attention: torch.Tensor, keys: torch.Tensor, grids: torch.Tensor) -> list[TowerAttention]:
+        """Patches -> LM tokens (mean over each merged group, the tower's window order undone), split per video."""
+        visual = self.model.model.visual
+        unit = visual.spatial_merge_size**2
+        attention = attention.view(-1, unit).mean(dim=1)
+        keys = keys.view(-1, unit, keys.shape[-1]).mean(dim=1)
+        if self.windowed:
+            order = torch.argsort(_window_index(visual, grids).to(attention.device))
+            attention, keys = attention[order], keys[order]
+        sizes = (grids.prod(dim=-1) // unit).tolist()
+        steps = grids[:, 0].tolist()
+        return [TowerAttention(a.view(t, -1), k.view(t, a.numel() // t, -1))
+                for t, a, k in zip(steps, attention.split(sizes), keys.split(sizes))]
+
+
+def _window_index(visual, grids: torch.Tensor) -> torch.Tensor:
+    """Qwen2.5-VL's window order of the merged tokens (the tower's own function; older releases had a method)."""
+    if hasattr(visual, "get_window_index"):
+        return visual.get_window_index(grids)[0]
+    from transformers.vision_utils import get_vision_window_index
+
+    return get_vision_window_index(grids, spatial_merge_size=visual.spatial_merge_size,
+                                   window_size=visual.window_size, patch_size=visual.patch_size)[0]
