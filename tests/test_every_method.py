@@ -83,6 +83,37 @@ def test_a_padded_batch_equals_its_rows_alone_with_both_caches(model_and_tokeniz
             torch.testing.assert_close(logits[row], row_logits[0], rtol=1e-4, atol=1e-4)
 
 
+def has_decoder_stage(name: str, index: int) -> bool:
+    from llava.compression.methods import CompressionSetup
+    from llava.compression.settings import settings_from_kwargs
+
+    return CompressionSetup.build(settings_from_kwargs(example(name, index))).decoder is not None
+
+
+DECODING_CASES = [case for case in CASES if has_decoder_stage(*case)]
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+@pytest.mark.parametrize(("name", "index"), DECODING_CASES, ids=[f"{n}-{i}" for n, i in DECODING_CASES])
+def test_a_decoding_step_reads_the_host_as_often_as_the_baseline(model_and_tokenizer, name, index, cache):
+    """A method working inside the LM adds no host synchronisation to a decoding step (compiled decoding and CUDA
+    graphs need none): data-dependent reads counted inside the decoding forwards, against the uncompressed model."""
+    from tests.references import HostReads
+
+    model, tokenizer = model_and_tokenizer
+    video = random_video(8, model.get_vision_tower().image_size, seed=44)
+    ids = prompt_ids(tokenizer, "What is moving?")
+    counts = []
+    for settings in ({"compressor": "none"}, example(name, index)):
+        model.configure_compression(**settings)
+        with HostReads(model, decoding_only=True) as reads:
+            generate(model, ids, [video], cache_implementation=cache)
+        counts.append(reads.count)
+        assert reads.forwards == GENERATE["max_new_tokens"] - 1
+    assert_compressed(model.last_compression_stats)
+    assert counts[1] == counts[0]
+
+
 @pytest.mark.parametrize(("name", "index"), CASES, ids=IDS)
 def test_nothing_of_a_generation_stays_on_the_model(model_and_tokenizer, name, index):
     model, tokenizer = model_and_tokenizer
