@@ -192,3 +192,30 @@ def test_the_docs_table_of_arguments_is_current():
     docs = (Path(__file__).resolve().parents[1] / "docs" / "evaluation.md").read_text()
     table = docs.split("<!-- methods table -->\n", 1)[1].split("\n<!-- end of methods table -->", 1)[0]
     assert table == arguments_table(), "regenerate the table in docs/evaluation.md (command above it)"
+
+
+@pytest.mark.parametrize(("name", "index"), DECODING_CASES, ids=[f"{n}-{i}" for n, i in DECODING_CASES])
+def test_beam_search_and_a_passed_cache_are_refused_by_name(model_and_tokenizer, name, index):
+    """A method inside the LM keeps one generation's state in the cache it makes: beam search, several sequences per
+    row and a cache passed in are refused with the method's name, on the LLaVA model and on transformers' models."""
+    from transformers.cache_utils import DynamicCache
+
+    from llava.compression.methods import CompressionSetup
+    from llava.compression.settings import settings_from_kwargs
+
+    label = CompressionSetup.build(settings_from_kwargs(example(name, index))).decoder.label
+    model, tokenizer = model_and_tokenizer
+    video = random_video(4, model.get_vision_tower().image_size, seed=45)
+    ids = prompt_ids(tokenizer, "What is moving?")
+    model.configure_compression(**example(name, index))
+    for bad in ({"num_beams": 2}, {"num_return_sequences": 2, "do_sample": True}, {"past_key_values": DynamicCache()}):
+        with pytest.raises(ValueError, match=label):
+            model.generate(ids, images=[video], modalities=["video"], max_new_tokens=2, **bad)
+    native = nm.MODELS["qwen2_vl"]()
+    inputs = nm.video_inputs("qwen2_vl", native, ((5, 6, 7),))
+    try:
+        with compressed(native, **example(name, index)):
+            with pytest.raises(ValueError, match=label):
+                native.generate(**inputs, max_new_tokens=2, num_beams=2)
+    except ValueError as error:  # the model refuses the method itself, by name
+        assert name in str(error), error

@@ -36,6 +36,7 @@ __all__ = [
     "DecodeState",
     "GenerationInputs",
     "LayerInputs",
+    "check_generate_arguments",
     "make_generation_cache",
     "new_token_budget",
 ]
@@ -203,6 +204,26 @@ def new_token_budget(generation_config, generate_kwargs: dict, prompt_length: in
     if counts_prompt or "max_length" in generate_kwargs:
         return max(int(config.max_length) - prompt_length, 1)
     return max(int(config.max_length), 1)
+
+
+def check_generate_arguments(decoder: DecodeCompressor, kwargs: dict, generation_config) -> None:
+    """A ValueError naming the method for what a decode-time compressor cannot run with: a cache passed in (it makes
+    each call's own), ``use_cache=False``, beam search or several sequences per prompt row."""
+    from llava.transformers_compat import cache_argument
+
+    name = decoder.label
+    config = kwargs.get("generation_config") or generation_config
+    if cache_argument(kwargs) is not None:
+        raise ValueError(
+            f"{name} makes the cache of each generate call (it holds the call's pruning state); do not pass "
+            "past_key_values (cache). Choose its kind with cache_implementation='dynamic' or 'static'."
+        )
+    if kwargs.get("use_cache", config.use_cache) is False:
+        raise ValueError(f"{name} works on the KV cache: generate with use_cache=True (the default).")
+    for argument, default in (("num_beams", 1), ("num_return_sequences", 1)):
+        value = kwargs.get(argument, getattr(config, argument, default) or default)
+        if value != 1:
+            raise ValueError(f"{name} does not support {argument}={value} (one sequence per prompt row); use 1.")
 
 
 CACHE_IMPLEMENTATIONS = ("dynamic", "static")

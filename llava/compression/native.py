@@ -46,6 +46,7 @@ from llava.compression.decoding import (
     CompressionStaticCache,
     GenerationInputs,
     LayerInputs,
+    check_generate_arguments,
     make_generation_cache,
     new_token_budget,
 )
@@ -233,9 +234,9 @@ class NativeCompression:
                 "With video-token compression each generate call makes its own cache (it holds the call's state): "
                 "leave past_key_values (cache) out (cache_implementation='static' or 'dynamic' chooses its kind)."
             )
+        if self.decoder is not None:
+            check_generate_arguments(self.decoder, kwargs, self.model.generation_config)
         if kwargs.get("use_cache") is False:
-            if self.decoder is not None:
-                raise ValueError(f"{self.decoder.name} works on the KV cache: generate with use_cache=True.")
             return stock_generate(*args, **kwargs)
         config = kwargs.get("generation_config") or self.model.generation_config
         implementation = kwargs.pop("cache_implementation", None) or config.cache_implementation

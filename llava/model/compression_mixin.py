@@ -31,6 +31,7 @@ from llava.compression.base import TokenSelection, VideoTokenCompressor
 from llava.compression.decoding import (
     DecodeCompressor,
     GenerationInputs,
+    check_generate_arguments,
     make_generation_cache,
     new_token_budget,
 )
@@ -43,7 +44,6 @@ from llava.compression.settings import (
     setting_names,
     settings_from_kwargs,
 )
-from llava.transformers_compat import cache_argument
 
 logger = logging.getLogger("llava.compression")
 
@@ -172,7 +172,7 @@ class CompressionMixin:
         decoder = self.decode_compressor
         if decoder is None:
             return None
-        _check_generate_arguments(decoder, generate_kwargs, self.generation_config)
+        check_generate_arguments(decoder, generate_kwargs, self.generation_config)
         implementation = generate_kwargs.pop("cache_implementation", None) or self.generation_config.cache_implementation
         prefill_length = mm.inputs_embeds.shape[1]
         new_tokens = new_token_budget(self.generation_config, generate_kwargs, prefill_length)
@@ -234,22 +234,6 @@ class CompressionMixin:
                     f"using {first} (derived from where the <image> placeholder sits).",
                     stacklevel=4,
                 )
-
-
-def _check_generate_arguments(decoder: DecodeCompressor, kwargs: dict, generation_config) -> None:
-    name = decoder.label
-    config = kwargs.get("generation_config") or generation_config
-    if cache_argument(kwargs) is not None:
-        raise ValueError(
-            f"{name} makes the cache of each generate call (it holds the call's pruning state); do not pass "
-            "past_key_values (cache). Choose its kind with cache_implementation='dynamic' or 'static'."
-        )
-    if kwargs.get("use_cache", config.use_cache) is False:
-        raise ValueError(f"{name} works on the KV cache: generate with use_cache=True (the default).")
-    for name_, default in (("num_beams", 1), ("num_return_sequences", 1)):
-        value = kwargs.get(name_, getattr(config, name_, default) or default)
-        if value != 1:
-            raise ValueError(f"{name} does not support {name_}={value} (one sequence per prompt row); use 1.")
 
 
 def _video_stats(settings: CompressionSettings, videos) -> dict:
