@@ -295,9 +295,9 @@ def test_corrupt_video_file(tiny_checkpoint, tmp_path, capsys):
 
 
 def test_unknown_compressor_lists_the_allowed_ones(capsys):
-    code, _, err = run_main(["--compressor", "fastvid"], capsys)
+    code, _, err = run_main(["--compressor", "tome"], capsys)
     assert code == 2
-    assert "invalid choice: 'fastvid'" in err
+    assert "invalid choice: 'tome'" in err
     for name in cli.COMPRESSORS:
         assert f"'{name}'" in err
 

@@ -41,6 +41,9 @@ Departures from the public code, on purpose:
 * Inside the LM, each row of a padded batch is ranked and merged on its own (the public code reads row 0's span),
   the newline token is never merged or dropped (the public span includes it), and layers >= K run on the compact
   sequence with the kept tokens' original positions, as :mod:`llava.compression.fastv` does.
+* LLaVA-Video's grid layout (a newline after each row): the kept tokens of a frame are followed by all of the frame's
+  row newlines, as :mod:`llava.compression.layout` lays out every method's selection; the public code adds a newline
+  only after the rows that keep a token (not tested against it).
 
 Defaults are the published evaluation command (README and ``scripts/eval_ov-7b_holitom.sh``: ``RETAIN_RATIO=0.15
 T=0.80 HOLITOM_k=18 HOLITOM_r=0.5``) and the code's own (``BETA=0.6 D=0 K=7 MAX_WINDOW_SIZE=1024``; its merge

@@ -10,7 +10,7 @@ outputs are unchanged) and returns one :class:`TowerAttention` per video, in the
 * LLaVA-OneVision (SigLIP): the encoder layer whose output the model uses (``vision_feature_layer``), scored by
   :func:`llava.compression.visionzip.siglip_attention_scores`, then pooled per frame with the model's own
   ``apply_pooling`` (bilinear 27x27 -> 14x14): exactly what this package's LLaVA model does
-  (``llava_arch._encode_with_tower_attention`` / ``_video_tokens``).
+  (``llava_arch._encode_with_tower_inputs`` / ``_video_tokens``).
 * Qwen2-VL / Qwen2.5-VL / Qwen3-VL: the rule of the public FlashVID code (github.com/Fanziyang-v/FlashVID at
   1d37422c5afcaa15ee46b5355f5ba798fa93290a, ``flashvid/modeling_qwen2_5_vl.py``:
   ``Qwen2_5_VisionTransformerPretrainedModel_forward`` and ``Qwen2_5_VLVisionAttention_forward``;
