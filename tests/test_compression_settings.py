@@ -131,3 +131,21 @@ def test_the_loader_rejects_bad_settings_before_reading_weights(tiny_checkpoint,
     monkeypatch.setattr(LlavaQwenForCausalLM, "from_pretrained", never)
     with pytest.raises(ValueError, match=r"dycoke_l=9 is out of range; allowed: \[1, 3\] for this 4-layer model"):
         load(tiny_checkpoint, dycoke=True, dycoke_l=9)
+
+
+def test_naming_a_method_starts_it_from_its_defaults():
+    """compressor=... / dycoke=True resets that method's arguments not given in the same call (as lmms-eval model
+    args and the side-by-side comparison with the public DyCoke code expect); a call naming no method changes only
+    what it gives."""
+    from llava.compression.settings import settings_from_kwargs
+
+    quirks = settings_from_kwargs({"dycoke": True, "dycoke_p": 0.5, "dycoke_public_quirks": True})
+    again = settings_from_kwargs({"dycoke": True, "dycoke_k": 0.7, "dycoke_l": 3, "dycoke_p": 0.7}, quirks)
+    assert not again.dycoke_public_quirks and again.dycoke_p == 0.7
+    assert settings_from_kwargs({"dycoke": True}, quirks).dycoke_p == 0.7  # the default again
+    kept = settings_from_kwargs({"dycoke_p": 0.9}, quirks)  # no method named: the rest stays
+    assert kept.dycoke_public_quirks and kept.dycoke_p == 0.9
+    switched = settings_from_kwargs({"compressor": "evs"}, settings_from_kwargs({"compressor": "evs", "evs_rate": 0.3}))
+    assert switched.evs_rate == 0.7
+    kept_positions = settings_from_kwargs({"compressor": "evs"}, settings_from_kwargs({"keep_positions": True}))
+    assert kept_positions.keep_positions  # a flag of every method, not one method's argument

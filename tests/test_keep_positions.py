@@ -46,18 +46,25 @@ LAYOUTS = ("one_token", "grid", "frame")
 SEEDS = (9, 10, 11, 12, 13, 14)
 
 
+# The in-LLM stage of a method that also works inside the LM, turned off: its video stage alone is what
+# keep_positions changes (the masked reference here does not model the in-LLM stages; their own tests do).
+VIDEO_STAGE_ONLY = {"flashvid": {"flashvid_llm_retention_ratio": 1.0}, "prunevid": {"prunevid_alpha": 1.0, "prunevid_tau": 0.0},  # tau 0: random frames merge too
+                    "holitom": {"holitom_llm_r": 0.0}}
+
+
 def pre_llm_settings() -> dict[str, dict]:
     """Every registered method that compresses before the LM, at its first example, without decode-time pruning
-    (DyCoke: merging alone; its KV pruning on top is tested below)."""
+    (DyCoke: merging alone; its KV pruning on top is tested below; the others' in-LLM stages off)."""
     cases = {}
     for name in method_names():
         for example in METHODS[name].examples[:1]:
-            settings = {"compressor": name, **example}
+            settings = {"compressor": name, **example, **VIDEO_STAGE_ONLY.get(name, {})}
             if name == "dycoke":
                 settings["dycoke_p"] = 0.0
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 built = METHODS[name].build(settings_from_kwargs(settings))
+            assert built.video is None or built.decoder is None, f"{name}: turn its in-LLM stage off above"
             if built.video is not None:
                 cases[name] = {key: value for key, value in settings.items()
                                if not (key in ("dycoke_l", "dycoke_p") and name != "dycoke")}
@@ -72,7 +79,7 @@ KV_ON_TOP = {  # DyCoke's KV pruning after a pre-LLM method: DyCoke itself, and 
 
 
 def test_every_registered_pre_llm_method_is_covered():
-    assert {"dycoke", "vidcom2", "evs"} <= set(PRE_LLM)
+    assert {"dycoke", "vidcom2", "evs", "visionzip", "fastvid", "flashvid", "prunevid", "holitom"} <= set(PRE_LLM)
     assert not {"none", "fastv"} & set(PRE_LLM)
 
 

@@ -165,9 +165,10 @@ def settings_from_kwargs(
 ) -> CompressionSettings:
     """Validated settings: ``base`` (default: the defaults) with ``values`` applied.
 
-    Unknown names and invalid values are a ValueError naming them; ``dycoke`` contradicting ``compressor`` is an
-    error; a method's own arguments given while another method is selected are warned about (they are kept for
-    when that method is selected, but do nothing now).
+    Naming a method (``compressor=...``, ``dycoke=True``) starts it from its defaults: its arguments not given in the
+    same call are reset; a call without a method name changes only what it gives. Unknown names and invalid values
+    are a ValueError naming them; ``dycoke`` contradicting ``compressor`` is an error; a method's own arguments given
+    while another method is selected are warned about (they do nothing).
     """
     values = {ALIASES.get(name, name): value for name, value in values.items()}
     unknown = sorted(set(values) - set(setting_names()))
@@ -186,6 +187,10 @@ def settings_from_kwargs(
         compressor = "dycoke" if dycoke else ("none" if settings.compressor == "dycoke" else settings.compressor)
     if compressor is not None:
         checked["compressor"] = compressor
+        # Naming a method (compressor=..., dycoke=True) starts it from its defaults, as lmms-eval model args and
+        # LLaVA-NeXT's overwrite_config do: its arguments not given in this call go back to their defaults.
+        for argument in method(compressor).arguments:
+            checked.setdefault(argument.name, argument.default)
     settings = settings.replace(**checked)
     settings = settings.replace(kv_pruning=_composes_kv_pruning(settings, values, switched=compressor is not None))
     if num_layers is not None:  # a base validated without the layer count, or another model's settings
