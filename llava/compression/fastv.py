@@ -71,6 +71,11 @@ class FastV(DecodeCompressor):
     keep_rounding = staticmethod(round)  # the public FastV code's topk(round(n * (1 - r)))
 
     @property
+    def layer_setting(self) -> int:
+        """The value of ``layer_argument`` (FastV's is K, the first layer that runs without the dropped tokens)."""
+        return self.layer
+
+    @property
     def ratio_setting(self) -> float:
         """The value of ``ratio_argument`` (FastV's is the share dropped)."""
         return self.ratio
@@ -79,7 +84,7 @@ class FastV(DecodeCompressor):
         return FastVState
 
     def new_state(self, inputs: GenerationInputs) -> FastVState | None:
-        check_setting(self.layer_argument, self.layer, inputs.num_layers)
+        check_setting(self.layer_argument, self.layer_setting, inputs.num_layers)
         layout = CompactLayout.from_mask(inputs.prunable, self.ratio, self.keep_rounding)
         if not layout.drops_any:
             return None

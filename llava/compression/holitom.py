@@ -58,8 +58,7 @@ from typing import Any
 import torch
 
 from .base import TokenSelection, VideoTokenCompressor, check_video_features
-from .decoding import GenerationInputs
-from .fastv import CompactLayout, FastV, FastVState
+from .fastv import FastV, FastVState
 from .registry import Argument, Stages, register
 from .settings import check_setting
 
@@ -260,19 +259,14 @@ class HoliTomMerge(FastV):
     name = "holitom"
     label = "HoliTom"
     stats_key = "holitom"
+    layer_argument, ratio_argument = "holitom_k", "holitom_llm_r"  # round(n * (1 - r)) kept: FastV's rounding
 
     def __init__(self, layer: int = 18, ratio: float = 0.5):
         self.layer = check_setting("holitom_k", layer)
         self.ratio = check_setting("holitom_llm_r", ratio)
 
-    def unmodified_summary(self) -> dict:
-        return {"layer": self.layer, "ratio": self.ratio, "image_tokens": [], "kept_image_tokens": [],
-                "pruned": False, "decode_steps": 0}
-
-    def new_state(self, inputs: GenerationInputs) -> HoliTomState | None:
-        check_setting("holitom_k", self.layer, inputs.num_layers)
-        layout = CompactLayout.from_mask(inputs.prunable, self.ratio)  # round(n * (1 - r)), the public rounding
-        return HoliTomState(self, inputs, layout) if layout.drops_any else None
+    def state_type(self) -> type[HoliTomState]:
+        return HoliTomState
 
 
 class HoliTomState(FastVState):

@@ -54,7 +54,6 @@ Departures from the public code, and why:
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any
 
 import torch
@@ -257,19 +256,16 @@ class PruneVidLLM(FastV):
         absorbs the rounding of 1 - (1 - alpha)."""
         return math.floor(share + 1e-9)
 
-    def new_state(self, inputs: GenerationInputs) -> PruneVidState | None:
-        check_setting("prunevid_layer", self.selected_layer, inputs.num_layers)
-        layout = CompactLayout.from_mask(inputs.prunable, self.ratio, self.keep_rounding)
-        if not layout.drops_any:
-            return None
-        if not all(keep for keep, count in zip(layout.keep_counts, layout.video_counts) if count):
-            warnings.warn(
-                f"prunevid_alpha={self.alpha} keeps int(n * alpha) = 0 of the n video tokens "
-                f"(n = {min(c for c in layout.video_counts if c)}): the LM sees no video after layer "
-                f"{self.selected_layer}. Use a larger prunevid_alpha.",
-                stacklevel=4,
-            )
-        return PruneVidState(self, inputs, layout)
+    @property
+    def layer_setting(self) -> int:
+        return self.selected_layer
+
+    @property
+    def ratio_setting(self) -> float:
+        return self.alpha
+
+    def state_type(self) -> type[PruneVidState]:
+        return PruneVidState
 
 
 class PruneVidState(FastVState):
