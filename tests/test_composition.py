@@ -30,12 +30,13 @@ LAYER, RATIO, STEPS = 2, 0.7, 10
 PRE_LLM = {
     "evs": {"evs_rate": 0.5},
     "vidcom2": {"vidcom2_r": 0.5},
-    "visionzip": {"visionzip_dominant": 6, "visionzip_contextual": 4},  # the tower's attention: the LLaVA model only
+    "visionzip": {"visionzip_dominant": 6, "visionzip_contextual": 4},
+    "fastvid": {"fastvid_retention_ratio": 0.5, "fastvid_dyseg_c": 2, "fastvid_dtm_p": 2},
     "flashvid": {"flashvid_retention_ratio": 0.5, "flashvid_expansion": 1.0, "flashvid_min_segment_num": 2,
                  "flashvid_pruning_layer": 1, "flashvid_llm_retention_ratio": 1.0},  # its own in-LLM stage off
 }
 VARIANTS = cache_variants()
-SEEDS = {"visionzip": 10, "flashvid": 10}  # seeds whose boundary margins are clear (9 has a near-tie for these)
+SEEDS = {"visionzip": 10, "flashvid": 10, "fastvid": 10}  # seeds whose boundary margins are clear (9 has a near-tie for these)
 
 
 def test_every_pre_llm_method_composes_and_the_others_do_not():
