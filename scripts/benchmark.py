@@ -1,7 +1,7 @@
 """Benchmark baseline, DyCoke, DyCoke's merging alone, VidCom2 and FastV on the same video, in one process,
 with eager decoding and with compiled decoding, in the two regimes of DyCoke's active set.
 
-    python scripts/benchmark.py --config cpu-small --threads 1            # CPU: every method, mode and regime (8-11 min, 2 cores)
+    python scripts/benchmark.py --config cpu-small --threads 1            # CPU: every method, mode and regime (17 methods: about 30 min)
     python scripts/benchmark.py --config cpu-small --modes eager --regimes kept --runs 1   # a quick look
     python scripts/benchmark.py --config ov-7b                            # CUDA: real LLaVA-OV-7B sizes, random bf16 weights
     python scripts/benchmark.py --config ov-0.5b --methods baseline,dycoke,dycoke-ttm
