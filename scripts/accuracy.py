@@ -268,6 +268,11 @@ def markdown_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def composed(result: dict) -> bool:
+    """A pre-LLM method followed by DyCoke's KV pruning (its own group, DyCoke's arguments given)."""
+    return result["group"] not in ("dycoke", "merging", "kv") and "dycoke_p" in result["settings"]
+
+
 def plot(results: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -283,7 +288,7 @@ def plot(results: list[dict], path: Path) -> None:
         for group in GROUPS:
             for kept in (False, True):  # renumbered (solid), positions kept (dashed, open markers)
                 points = sorted((r["tokens"]["per_layer"], r["accuracy"][panel]) for r in results
-                                if r["group"] == group and panel in r["accuracy"]
+                                if r["group"] == group and panel in r["accuracy"] and not composed(r)
                                 and bool(r["settings"].get("keep_positions")) == kept)
                 if not points:
                     continue
@@ -293,6 +298,13 @@ def plot(results: list[dict], path: Path) -> None:
                         label=f"{group} (kept positions)" if kept else group, linestyle=style,
                         markerfacecolor="white" if kept else colours[group],
                         markersize=9 if group == "baseline" else 6)
+            extra = [r for r in results if r["group"] == group and composed(r) and panel in r["accuracy"]]
+            for r in extra:  # a pre-LLM method followed by DyCoke's KV pruning: a point of its own
+                kept = bool(r["settings"].get("keep_positions"))
+                ax.plot(r["tokens"]["per_layer"], r["accuracy"][panel] * 100, marker=markers[group], linestyle="none",
+                        color=colours[group], markeredgecolor="black", markersize=8,
+                        markerfacecolor="white" if kept else colours[group],
+                        label=f"{group} + KV pruning" + (" (kept positions)" if kept else ""))
         ax.set_title("all families" if panel == "all" else panel)
         ax.grid(alpha=0.3)
         ax.set_ylim(-3, 103)
@@ -301,7 +313,7 @@ def plot(results: list[dict], path: Path) -> None:
     for ax in axes[:, 0]:
         ax.set_ylabel("accuracy (%)")
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), frameon=False, fontsize=8)
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 7), frameon=False, fontsize=7)
     fig.suptitle("Toy video QA: accuracy against the video tokens kept (scripts/accuracy.py)")
     fig.tight_layout(rect=(0, 0.09, 1, 0.97))
     path.parent.mkdir(parents=True, exist_ok=True)
