@@ -53,6 +53,8 @@ FASTVID_ARGUMENTS = (
              "the rest salient"),
     Argument("fastvid_dtm_p", 4, "[1, inf)", "DTM: one anchor frame every p frames of a segment", integer=True),
     Argument("fastvid_dtm_beta", 0.6, "[0, 1]", "DTM: lower bound of a contextual token's own weight in its merge"),
+    Argument("fastvid_dyseg_ignore", 0.95, "[-1, 1]", "Qwen models only: within a segment, frames whose cosine "
+             "similarity to the next is at least this add no tokens of their own (llava.compression.fastvid_qwen)"),
 )
 _ARGUMENTS = {argument.name: argument for argument in FASTVID_ARGUMENTS}
 PUBLIC_NAMES = {  # the public code's lmms-eval model args
@@ -61,6 +63,7 @@ PUBLIC_NAMES = {  # the public code's lmms-eval model args
     "fastvid_STPrune_d": "fastvid_stprune_d",
     "fastvid_DTM_p": "fastvid_dtm_p",
     "fastvid_DTM_beta": "fastvid_dtm_beta",
+    "fastvid_DySeg_ignore": "fastvid_dyseg_ignore",
 }
 
 _NEIGHBOURS = 4  # density = exp(-mean squared distance to the 4 nearest tokens, the token itself included)
@@ -186,6 +189,7 @@ class FastVID(VideoTokenCompressor):
         stprune_d: float = 0.4,
         dtm_p: int = 4,
         dtm_beta: float = 0.6,
+        dyseg_ignore: float = 0.95,
     ) -> None:
         self.retention_ratio = _ARGUMENTS["fastvid_retention_ratio"].check(retention_ratio)
         self.dyseg_c = _ARGUMENTS["fastvid_dyseg_c"].check(dyseg_c)
@@ -193,6 +197,15 @@ class FastVID(VideoTokenCompressor):
         self.stprune_d = _ARGUMENTS["fastvid_stprune_d"].check(stprune_d)
         self.dtm_p = _ARGUMENTS["fastvid_dtm_p"].check(dtm_p)
         self.dtm_beta = _ARGUMENTS["fastvid_dtm_beta"].check(dtm_beta)
+        self.dyseg_ignore = _ARGUMENTS["fastvid_dyseg_ignore"].check(dyseg_ignore)  # the Qwen variant's only
+
+    def qwen_variant(self):
+        """The public code's Qwen2.5-VL FastVID with these arguments (:mod:`llava.compression.fastvid_qwen`): what
+        transformers' Qwen VL models run, since they have no SigLIP pooling head."""
+        from .fastvid_qwen import FastVIDQwen
+
+        return FastVIDQwen(self.retention_ratio, self.dyseg_c, self.dyseg_tau, self.dyseg_ignore, self.stprune_d,
+                           self.dtm_p, self.dtm_beta)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -339,4 +352,5 @@ def _check_grid(tokens_per_frame: int, grid_hw: tuple[int, int] | None) -> None:
 )
 def build(settings) -> Stages:
     return Stages(video=FastVID(settings.fastvid_retention_ratio, settings.fastvid_dyseg_c, settings.fastvid_dyseg_tau,
-                                settings.fastvid_stprune_d, settings.fastvid_dtm_p, settings.fastvid_dtm_beta))
+                                settings.fastvid_stprune_d, settings.fastvid_dtm_p, settings.fastvid_dtm_beta,
+                                dyseg_ignore=settings.fastvid_dyseg_ignore))

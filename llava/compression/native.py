@@ -20,7 +20,8 @@ The same pieces as in the LLaVA-NeXT model, applied through transformers' extens
   there). The video's trailing newline is always kept. A merging method's kept tokens enter the LM with their merged
   values (``TokenSelection.kept_features``); Qwen3-VL's deepstack features stay each kept token's own, as in the public
   FlashVID code. A method that scores tokens with the vision tower's attention (VisionZip, FlashVID, HoliTom) gets it
-  from :mod:`.tower_attention`, recorded while ``get_video_features`` runs;
+  from :mod:`.tower_attention`, recorded while ``get_video_features`` runs; so does FastVID on the Qwen models, which
+  run the public code's Qwen2.5-VL variant (:mod:`.fastvid_qwen`; LLaVA-OneVision refuses FastVID: no SigLIP head);
 - while decoding, DyCoke's KV pruning and FastV run their :mod:`.decoding` state through forward hooks on the
   decoder layers and a cache subclass that the first forward of a generation puts in place of generate's cache
   (generate then keeps using the cache the model returns). The state lives in that cache: nothing of a generation
@@ -54,7 +55,7 @@ from llava.compression.fastv import FastV
 from llava.compression.masks import BOOL, KeyMask
 from llava.compression.methods import CompressionSetup
 from llava.compression.settings import CompressionSettings, settings_from_kwargs
-from llava.compression.tower_attention import TowerAttention, tower_recorder
+from llava.compression.tower_attention import RECEIVED, TowerAttention, tower_recorder
 from llava.transformers_compat import CACHE_ARG, cache_argument, pop_cache_argument
 
 __all__ = ["SUPPORTED_MODELS", "NativeCompression", "apply_compression", "compressed", "remove_compression"]
@@ -154,14 +155,18 @@ class NativeCompression:
         self.model, self.family, self.settings = model, family, settings
         setup = CompressionSetup.build(settings)
         if setup.video is not None and setup.video.needs_pooling_head:
-            raise ValueError(
-                f"compressor={settings.compressor!r} reads SigLIP's attention-pooling head, which "
-                f"{type(model).__name__} does not hand to compressors here; it runs on the LLaVA-OneVision / "
-                "LLaVA-Video checkpoints loaded with llava.model.builder.load_pretrained_model (the public FastVID code "
-                "for Qwen2.5-VL is another algorithm, with its own inputs, not transcribed here)."
-            )
+            if not hasattr(model.model, "visual") or not hasattr(setup.video, "qwen_variant"):
+                raise ValueError(
+                    f"compressor={settings.compressor!r} reads SigLIP's attention-pooling head, which "
+                    f"{type(model).__name__} does not hand to compressors here; it runs on the LLaVA-OneVision / "
+                    "LLaVA-Video checkpoints loaded with llava.model.builder.load_pretrained_model, and on the Qwen VL "
+                    "models as the public code's Qwen2.5-VL variant."
+                )
+            # The Qwen VL models run the public code's own Qwen2.5-VL FastVID (llava.compression.fastvid_qwen).
+            setup = dataclasses.replace(setup, video=setup.video.qwen_variant())
         needs_tower = setup.video is not None and setup.video.needs_tower_attention
-        self.tower = tower_recorder(model, settings.compressor) if needs_tower else None  # may refuse the model
+        rule = getattr(setup.video, "tower_rule", RECEIVED)
+        self.tower = tower_recorder(model, settings.compressor, rule) if needs_tower else None  # may refuse the model
         self.encoded: list[TowerAttention] | None = None  # the tower attention of a forward's videos, until used
         self.video_compressor, self.decoder = setup.video, setup.decoder
         self.language_model = model.model.language_model

@@ -25,6 +25,16 @@ outputs are unchanged) and returns one :class:`TowerAttention` per video, in the
   blocks all attend within each temporal step, like Qwen3-VL's, and the same rule applies.
   (VidCom2's ``qwen`` branch scores its Qwen VisionZip / HoliTom with feature norms, not the tower: not followed.)
 
+FastVID on the Qwen models (``FRAME_QUERY``, :mod:`.fastvid_qwen`) reads another score of the same last block: the
+rule of the public FastVID code for Qwen2.5-VL (github.com/LunarShen/FastVID at
+a40a109cb8df20e8c2c17c6850f8269717369990, ``fastvid_qwen25vl/lmms-eval/lmms_eval/models/qwenvlutils/
+modeling_qwen2_5_vl.py``: ``Qwen2_5_VLVisionFlashAttention2.forward`` and
+``Qwen2_5_VisionTransformerPretrainedModel.forward``): per temporal step, the attention of the step's MEAN
+rotary-embedded query over the mean of each merged group's rotary-embedded keys (the 2x2 patches that become one LM
+token), softmax, mean over heads; then the window order undone. It is defined per temporal step whatever the block's
+windows. Qwen2-VL and Qwen3-VL have no public version: the same rule applies to their last block. ``keys`` are the
+merged groups' mean keys, mean over heads.
+
 Departure, on purpose: scores are computed in float32 (FlashVID casts the softmax back to the model dtype before
 averaging); in float32 models both agree.
 """
@@ -39,7 +49,10 @@ import torch
 
 from .visionzip import record_siglip_attention
 
-__all__ = ["TowerAttention", "tower_recorder"]
+__all__ = ["FRAME_QUERY", "RECEIVED", "TowerAttention", "tower_recorder"]
+
+RECEIVED = "received"  # attention each token receives, mean over heads and queries (VisionZip, FlashVID, HoliTom)
+FRAME_QUERY = "frame_query"  # each step's mean query over the merged groups' mean keys (FastVID on Qwen)
 
 
 @dataclass(frozen=True)
@@ -50,15 +63,16 @@ class TowerAttention:
     keys: torch.Tensor
 
 
-def tower_recorder(model, method: str):
+def tower_recorder(model, method: str, rule: str = RECEIVED):
     """The recorder for ``model`` (a transformers video LLM), or a ValueError naming ``method`` and the model when its
     configuration has no tower attention that the public code defines. ``recorder(get_video_features, args, kwargs)``
-    runs the model's ``get_video_features(*args, **kwargs)`` and returns (its output, a TowerAttention per video)."""
+    runs the model's ``get_video_features(*args, **kwargs)`` and returns (its output, a TowerAttention per video).
+    ``rule`` is the score recorded: ``RECEIVED`` or (Qwen models only) ``FRAME_QUERY``."""
     vision = model.model
-    if hasattr(vision, "vision_tower") and hasattr(vision, "apply_pooling"):
+    if hasattr(vision, "vision_tower") and hasattr(vision, "apply_pooling") and rule == RECEIVED:
         return _OnevisionRecorder(model, method)
     if hasattr(vision, "visual"):
-        return _QwenRecorder(model, method)
+        return _QwenRecorder(model, method, rule)
     raise ValueError(f"compressor={method!r}: {type(model).__name__} has no vision tower this package can read.")
 
 
@@ -118,13 +132,13 @@ class _OnevisionRecorder:
 
 
 class _QwenRecorder:
-    def __init__(self, model, method: str):
-        self.model, self.method = model, method
+    def __init__(self, model, method: str, rule: str = RECEIVED):
+        self.model, self.method, self.rule = model, method, rule
         visual = model.model.visual
         self.block = visual.blocks[-1]
         full = getattr(visual, "fullatt_block_indexes", None)
         self.windowed = full is not None
-        if self.windowed and len(visual.blocks) - 1 not in full:
+        if self.windowed and rule == RECEIVED and len(visual.blocks) - 1 not in full:
             raise ValueError(
                 f"compressor={method!r}: the public code scores tokens with the last vision block's attention over "
                 f"whole frames; the last block of this {type(model).__name__} attends within windows "
@@ -139,7 +153,10 @@ class _QwenRecorder:
         def hook(module, hook_args, hook_kwargs):
             hidden = hook_args[0] if hook_args else hook_kwargs["hidden_states"]
             cu_seqlens = hook_args[1] if len(hook_args) > 1 else hook_kwargs["cu_seqlens"]
-            records.append(self.patch_scores(hidden, cu_seqlens, hook_kwargs["position_embeddings"]))
+            if self.rule == FRAME_QUERY:
+                records.append(self.frame_query_scores(hidden, grids, hook_kwargs["position_embeddings"]))
+            else:
+                records.append(self.patch_scores(hidden, cu_seqlens, hook_kwargs["position_embeddings"]))
 
         handle = self.block.register_forward_pre_hook(hook, with_kwargs=True)
         try:
@@ -147,19 +164,43 @@ class _QwenRecorder:
         finally:
             handle.remove()
         attention, keys = records[-1]
-        return output, self.per_video(attention, keys, grids)
+        return output, self.per_video(attention, keys, grids, merged=self.rule == FRAME_QUERY)
+
+    def rotated(self, hidden: torch.Tensor, position_embeddings):
+        """The last block's rotary-embedded queries and keys, (S, heads, head_dim) each, float32."""
+        attn = self.block.attn
+        x = self.block.norm1(hidden)
+        queries, keys, _ = attn.qkv(x).reshape(x.shape[0], 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        queries, keys = self.rotary(queries, keys, *position_embeddings)
+        return queries.float(), keys.float()
+
+    def frame_query_scores(self, hidden: torch.Tensor, grids: torch.Tensor, position_embeddings):
+        """Per merged group, in the tower's order: (the attention of its temporal step's mean query over the step's
+        groups' mean keys, softmax, mean over heads; the group's mean key, mean over heads), both float32."""
+        unit = self.model.model.visual.spatial_merge_size**2
+        scaling = self.block.attn.scaling
+        with torch.no_grad():
+            queries, keys = self.rotated(hidden, position_embeddings)
+            heads, head_dim = keys.shape[1:]
+            keys = keys.view(-1, unit, heads, head_dim).mean(dim=1)  # (groups, heads, head_dim)
+            attention, start = [], 0
+            for t, h, w in grids.tolist():  # a temporal step's patches are contiguous, windows or not
+                q = queries[start * unit : (start + t * h * w // unit) * unit].view(t, h * w, heads, head_dim)
+                k = keys[start : start + t * h * w // unit].view(t, h * w // unit, heads, head_dim)
+                logits = torch.einsum("thd,tghd->thg", q.mean(dim=1), k) * scaling
+                attention.append(logits.softmax(dim=-1).mean(dim=1).flatten())
+                start += t * h * w // unit
+        return torch.cat(attention), keys.mean(dim=1)
 
     def patch_scores(self, hidden: torch.Tensor, cu_seqlens: torch.Tensor, position_embeddings):
         """Per patch, in the tower's order: (attention received within its segment, mean over heads and queries;
         rotary-embedded keys, mean over heads), both float32."""
         attn = self.block.attn
         with torch.no_grad():
-            x = self.block.norm1(hidden)
-            length = x.shape[0]
-            queries, keys, _ = attn.qkv(x).reshape(length, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
-            queries, keys = self.rotary(queries, keys, *position_embeddings)
-            queries, keys = queries.float().transpose(0, 1), keys.float().transpose(0, 1)  # (heads, S, head_dim)
-            received = torch.zeros(length, device=x.device)
+            queries, keys = self.rotated(hidden, position_embeddings)
+            queries, keys = queries.transpose(0, 1), keys.transpose(0, 1)  # (heads, S, head_dim)
+            length = queries.shape[1]
+            received = torch.zeros(length, device=hidden.device)
             bounds = cu_seqlens.tolist()  # one host read per video batch, as the tower itself does
             for start, end in itertools.pairwise(bounds):
                 for head in range(attn.num_heads):
@@ -167,12 +208,15 @@ class _QwenRecorder:
                     received[start:end] += logits.softmax(dim=-1).mean(dim=0)
         return received / attn.num_heads, keys.mean(dim=0)
 
-    def per_video(self, attention: torch.Tensor, keys: torch.Tensor, grids: torch.Tensor) -> list[TowerAttention]:
-        """Patches -> LM tokens (mean over each merged group, the tower's window order undone), split per video."""
+    def per_video(self, attention: torch.Tensor, keys: torch.Tensor, grids: torch.Tensor,
+                  merged: bool = False) -> list[TowerAttention]:
+        """Patches (or, ``merged``, merged groups) -> LM tokens (mean over each merged group, the tower's window order
+        undone), split per video."""
         visual = self.model.model.visual
         unit = visual.spatial_merge_size**2
-        attention = attention.view(-1, unit).mean(dim=1)
-        keys = keys.view(-1, unit, keys.shape[-1]).mean(dim=1)
+        if not merged:
+            attention = attention.view(-1, unit).mean(dim=1)
+            keys = keys.view(-1, unit, keys.shape[-1]).mean(dim=1)
         if self.windowed:
             order = torch.argsort(_window_index(visual, grids).to(attention.device))
             attention, keys = attention[order], keys[order]
