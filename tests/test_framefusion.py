@@ -479,16 +479,3 @@ def test_qwen3_vl_with_deepstack_layers_is_refused_by_name():
             model, compressor="framefusion"):
         pass
     assert not model.model.language_model._forward_pre_hooks
-
-
-def test_fastvid_is_refused_by_name_on_transformers_llava_onevision_only():
-    """LLaVA-OneVision has no SigLIP pooling head to hand over; the Qwen VL models run the public Qwen2.5-VL FastVID
-    (tests/test_fastvid_qwen.py)."""
-    from llava.compression.fastvid_qwen import FastVIDQwen
-    from tests import native_models as nm
-
-    with pytest.raises(ValueError, match="compressor='fastvid' reads SigLIP's attention-pooling head"), compressed(
-            nm.llava_onevision(), compressor="fastvid"):
-        pass
-    with compressed(nm.qwen2_5_vl(), compressor="fastvid") as handle:
-        assert isinstance(handle.video_compressor, FastVIDQwen)

@@ -320,3 +320,34 @@ def test_precomputed_video_features_are_refused_with_a_clear_error():
     inputs.pop("pixel_values_videos")
     with compressed(model, **VISIONZIP), pytest.raises(ValueError, match=r"visionzip.*pass the pixels"):
         model(**inputs, mm_encoder_outputs={"video": features})
+
+
+def test_fastvid_on_onevision_reads_the_pooling_head_and_equals_the_package_model(tiny_checkpoint, tmp_path):
+    """FastVID on transformers' LlavaOnevision: SigLIP's pooling head from the tower checkpoint the config names
+    (``mm_vision_tower``; the published tower when unset), on the feature layer's output: the same tokens and logits
+    as this package's LLaVA model with the same weights and head. Without a readable head: refused by name, nothing
+    applied."""
+    settings = {"compressor": "fastvid", "fastvid_retention_ratio": 0.5, "fastvid_dyseg_c": 2, "fastvid_dtm_p": 2}
+    tokenizer, ours = load(tiny_checkpoint, **settings)
+    theirs, placeholder = transformers_onevision(tiny_checkpoint, ours)
+    theirs.config.mm_vision_tower = str(tiny_checkpoint / "vision_tower")
+    video = random_video(6, ours.get_vision_tower().image_size, seed=8)
+    ids = prompt(tokenizer)
+    our_tokens, our_logits = greedy(ours, tokenizer, ids, [video], 4)
+    count = 6 * math.ceil(ours.get_vision_tower().num_patches_per_side / 2) ** 2 + 1
+    at = int((ids[0] == -200).nonzero())
+    expanded = torch.cat([ids[:, :at], torch.full((1, count), placeholder), ids[:, at + 1:]], dim=1)
+    with compressed(theirs, **settings) as handle:
+        output = theirs.generate(input_ids=expanded, pixel_values_videos=video[None], max_new_tokens=4,
+                                 min_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                                 output_logits=True, return_dict_in_generate=True)
+    assert handle.last_stats["video_tokens_after"] == ours.last_compression_stats["video_tokens_after"] < count - 1
+    assert torch.equal(output.sequences[:, expanded.shape[1]:], our_tokens)
+    torch.testing.assert_close(torch.stack(output.logits, 1), our_logits, rtol=1e-4, atol=1e-4)
+
+    bare = nm.llava_onevision()
+    bare.config.mm_vision_tower = str(tmp_path)  # a folder without a tower checkpoint
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"compressor='fastvid' reads SigLIP's pooling head .* no \*\.safetensors"):
+        apply_compression(bare, **settings)
+    assert "llava_compression" not in bare.__dict__

@@ -55,7 +55,12 @@ from llava.compression.fastv import FastV
 from llava.compression.masks import BOOL, KeyMask
 from llava.compression.methods import CompressionSetup
 from llava.compression.settings import CompressionSettings, settings_from_kwargs
-from llava.compression.tower_attention import RECEIVED, TowerAttention, tower_recorder
+from llava.compression.tower_attention import (
+    POOLING_HEAD,
+    RECEIVED,
+    TowerAttention,
+    tower_recorder,
+)
 from llava.transformers_compat import CACHE_ARG, cache_argument, pop_cache_argument
 
 __all__ = ["SUPPORTED_MODELS", "NativeCompression", "apply_compression", "compressed", "remove_compression"]
@@ -154,18 +159,15 @@ class NativeCompression:
             family = dataclasses.replace(family, keep_positions=True, sorted_order=True)
         self.model, self.family, self.settings = model, family, settings
         setup = CompressionSetup.build(settings)
-        if setup.video is not None and setup.video.needs_pooling_head:
-            if not hasattr(model.model, "visual") or not hasattr(setup.video, "qwen_variant"):
-                raise ValueError(
-                    f"compressor={settings.compressor!r} reads SigLIP's attention-pooling head, which "
-                    f"{type(model).__name__} does not hand to compressors here; it runs on the LLaVA-OneVision / "
-                    "LLaVA-Video checkpoints loaded with llava.model.builder.load_pretrained_model, and on the Qwen VL "
-                    "models as the public code's Qwen2.5-VL variant."
-                )
-            # The Qwen VL models run the public code's own Qwen2.5-VL FastVID (llava.compression.fastvid_qwen).
-            setup = dataclasses.replace(setup, video=setup.video.qwen_variant())
-        needs_tower = setup.video is not None and setup.video.needs_tower_attention
         rule = getattr(setup.video, "tower_rule", RECEIVED)
+        if setup.video is not None and setup.video.needs_pooling_head:
+            if hasattr(model.model, "visual") and hasattr(setup.video, "qwen_variant"):
+                # The Qwen VL models run the public code's own Qwen2.5-VL FastVID (llava.compression.fastvid_qwen).
+                setup = dataclasses.replace(setup, video=setup.video.qwen_variant())
+                rule = setup.video.tower_rule
+            else:  # LLaVA-OneVision: SigLIP's pooling head, read from the tower's checkpoint (llava.model.pooling_head)
+                rule = POOLING_HEAD
+        needs_tower = setup.video is not None and (setup.video.needs_tower_attention or setup.video.needs_pooling_head)
         self.tower = tower_recorder(model, settings.compressor, rule) if needs_tower else None  # may refuse the model
         self.encoded: list[TowerAttention] | None = None  # the tower attention of a forward's videos, until used
         self.video_compressor, self.decoder = setup.video, setup.decoder
@@ -443,7 +445,7 @@ class _Sequence:
                 features = embeds[row, columns_of_video].reshape(video.frames, video.per_frame, -1)
                 kept = columns_of_video
                 if compressor is not None:
-                    scores = {} if tower is None else {"attention": tower[number].attention, "keys": tower[number].keys}
+                    scores = {} if tower is None else tower[number].select_inputs()
                     selection = compressor.select(features, **scores)
                     kept = [columns_of_video[i] for i in selection.index.tolist()]
                     if selection.values is not None:

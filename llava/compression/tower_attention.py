@@ -35,6 +35,12 @@ token), softmax, mean over heads; then the window order undone. It is defined pe
 windows. Qwen2-VL and Qwen3-VL have no public version: the same rule applies to their last block. ``keys`` are the
 merged groups' mean keys, mean over heads.
 
+* FastVID on LLaVA-OneVision (``POOLING_HEAD``): the feature layer's output (a forward hook that only reads it)
+  through SigLIP's ``post_layernorm`` and attention-pooling head, read from the tower checkpoint
+  ``model.config.mm_vision_tower`` names, or the published google/siglip-so400m-patch14-384
+  (:mod:`llava.model.pooling_head`, as this package's LLaVA model and the public FastVID code do); the head's
+  attention pooled like the features, its output per frame as ``frame_global``.
+
 Departure, on purpose: scores are computed in float32 (FlashVID casts the softmax back to the model dtype before
 averaging); in float32 models both agree.
 """
@@ -49,18 +55,28 @@ import torch
 
 from .visionzip import record_siglip_attention
 
-__all__ = ["FRAME_QUERY", "RECEIVED", "TowerAttention", "tower_recorder"]
+__all__ = ["FRAME_QUERY", "POOLING_HEAD", "RECEIVED", "TowerAttention", "tower_recorder"]
 
 RECEIVED = "received"  # attention each token receives, mean over heads and queries (VisionZip, FlashVID, HoliTom)
 FRAME_QUERY = "frame_query"  # each step's mean query over the merged groups' mean keys (FastVID on Qwen)
+POOLING_HEAD = "pooling_head"  # SigLIP's pooling head on the feature layer's output (FastVID on LLaVA-OneVision)
 
 
 @dataclass(frozen=True)
 class TowerAttention:
-    """One video's tower attention, per LM token: ``attention`` (F, N) and ``keys`` (F, N, head_dim), float32."""
+    """One video's tower attention, per LM token: ``attention`` (F, N) and ``keys`` (F, N, head_dim), float32; with
+    the ``POOLING_HEAD`` rule (FastVID), ``attention`` is the head's saliency and ``frame_global`` (F, C) the head's
+    output per frame, and ``keys`` is None."""
 
     attention: torch.Tensor
-    keys: torch.Tensor
+    keys: torch.Tensor | None
+    frame_global: torch.Tensor | None = None
+
+    def select_inputs(self) -> dict:
+        """The keyword inputs of the compressor's ``select``."""
+        if self.frame_global is not None:
+            return {"frame_global": self.frame_global, "saliency": self.attention}
+        return {"attention": self.attention, "keys": self.keys}
 
 
 def tower_recorder(model, method: str, rule: str = RECEIVED):
@@ -69,8 +85,8 @@ def tower_recorder(model, method: str, rule: str = RECEIVED):
     runs the model's ``get_video_features(*args, **kwargs)`` and returns (its output, a TowerAttention per video).
     ``rule`` is the score recorded: ``RECEIVED`` or (Qwen models only) ``FRAME_QUERY``."""
     vision = model.model
-    if hasattr(vision, "vision_tower") and hasattr(vision, "apply_pooling") and rule == RECEIVED:
-        return _OnevisionRecorder(model, method)
+    if hasattr(vision, "vision_tower") and hasattr(vision, "apply_pooling") and rule in (RECEIVED, POOLING_HEAD):
+        return _OnevisionRecorder(model, method, rule)
     if hasattr(vision, "visual"):
         return _QwenRecorder(model, method, rule)
     raise ValueError(f"compressor={method!r}: {type(model).__name__} has no vision tower this package can read.")
@@ -86,9 +102,14 @@ def _first(args, kwargs, position: int, *names):
 
 
 class _OnevisionRecorder:
-    def __init__(self, model, method: str):
-        self.model, self.method = model, method
+    def __init__(self, model, method: str, rule: str = RECEIVED):
+        self.model, self.method, self.rule = model, method, rule
         self.layer_index(model.config.vision_feature_layer)  # refused before the model changes
+        if rule == POOLING_HEAD:  # read now: a missing head is refused before the model changes
+            from llava.model.pooling_head import load_pooling_head
+
+            tower = self.model.model.vision_tower
+            load_pooling_head(model, model.config.vision_config, next(tower.parameters()))
 
     def layer_index(self, feature_layer) -> int:
         """The encoder layer whose output is ``hidden_states[feature_layer]`` (index 0 is the embeddings)."""
@@ -115,6 +136,8 @@ class _OnevisionRecorder:
         feature_layer = config.vision_feature_layer if feature_layer is None else feature_layer
         strategy = config.vision_feature_select_strategy if strategy is None else strategy
         layer = self.encoder_layers()[self.layer_index(feature_layer)]
+        if self.rule == POOLING_HEAD:
+            return self.pooling_head(encode, args, kwargs, layer, strategy, pixels)
         with record_siglip_attention(layer) as records:
             output = encode(*args, **kwargs)
         attention, keys = records[-1]
@@ -126,6 +149,28 @@ class _OnevisionRecorder:
         attention = attention.view(videos, frames, -1)
         keys = keys.view(videos, frames, attention.shape[-1], -1)
         return output, [TowerAttention(a, k) for a, k in zip(attention, keys)]
+
+    def pooling_head(self, encode, args, kwargs, layer, strategy, pixels):
+        """FastVID's inputs, as this package's LLaVA model makes them (llava.model.pooling_head): the feature layer's
+        output (a forward hook that only reads it) through SigLIP's ``post_layernorm`` and pooling head; the head's
+        attention over the patches pooled like the features."""
+        from llava.model.pooling_head import load_pooling_head, run_pooling_head
+
+        outputs = []
+        handle = layer.register_forward_hook(lambda module, inputs, output: outputs.append(
+            output[0] if isinstance(output, tuple) else output))
+        try:
+            output = encode(*args, **kwargs)
+        finally:
+            handle.remove()
+        patches = outputs[-1][:, 1:] if strategy == "default" else outputs[-1]
+        tower = self.model.model.vision_tower
+        post_layernorm = getattr(tower, "vision_model", tower).post_layernorm
+        frame_global, saliency = run_pooling_head(post_layernorm, load_pooling_head(self.model), patches)
+        saliency = self.model.model.apply_pooling(saliency[..., None].to(patches.dtype))[..., 0].float()
+        videos, frames = pixels.shape[:2]
+        saliency, frame_global = saliency.view(videos, frames, -1), frame_global.float().view(videos, frames, -1)
+        return output, [TowerAttention(a, None, g) for a, g in zip(saliency, frame_global)]
 
 
 # ---- Qwen2-VL, Qwen2.5-VL, Qwen3-VL ---------------------------------------------------------------------------------

@@ -24,21 +24,29 @@ from transformers.models.siglip.modeling_siglip import (
 
 from llava.model.vision_tower import resolve_tower_folder
 
-__all__ = ["load_pooling_head", "run_pooling_head"]
+__all__ = ["PUBLISHED_TOWER", "load_pooling_head", "run_pooling_head"]
 
 HEAD_KEY = "vision_model.head."  # in a SiglipModel or SiglipVisionModel checkpoint
 
 
-def load_pooling_head(model) -> SiglipMultiheadAttentionPoolingHead:
+PUBLISHED_TOWER = "google/siglip-so400m-patch14-384"  # the tower of every LLaVA-OneVision / LLaVA-Video
+
+
+def load_pooling_head(model, tower_config=None, parameters=None) -> SiglipMultiheadAttentionPoolingHead:
     """The pooling head of ``model``'s vision tower checkpoint (cached on the model), on the tower's device and dtype.
+    The checkpoint is the one ``model.config.mm_vision_tower`` names (this package's LLaVA models; transformers'
+    LlavaOnevision has no such field: set it to a local SigLIP folder, else the published tower is read).
+    ``tower_config`` / ``parameters``: the tower's config and a parameter of it (default: ``model.get_vision_tower()``'s).
     A ValueError says where it looked when the head cannot be read."""
     cached = model.__dict__.get("_siglip_pooling_head")
     if cached is not None:
         return cached
     config = model.config
-    name = getattr(config, "mm_vision_tower", None)
-    tower = model.get_vision_tower()
-    head_config = SiglipVisionConfig(**{key: getattr(tower.config, key) for key in (
+    name = getattr(config, "mm_vision_tower", None) or (PUBLISHED_TOWER if tower_config is not None else None)
+    if tower_config is None:
+        tower = model.get_vision_tower()
+        tower_config, parameters = tower.config, next(tower.parameters())
+    head_config = SiglipVisionConfig(**{key: getattr(tower_config, key) for key in (
         "hidden_size", "intermediate_size", "num_attention_heads", "hidden_act", "layer_norm_eps")})
     head = SiglipMultiheadAttentionPoolingHead(head_config)
     weights = _head_weights(name, getattr(config, "_name_or_path", None))
@@ -49,7 +57,7 @@ def load_pooling_head(model) -> SiglipMultiheadAttentionPoolingHead:
             f"({HEAD_KEY}*: missing {', '.join(missing)}); compressor='fastvid' reads the head's attention."
         )
     head.load_state_dict(weights)
-    head = head.to(device=tower.device, dtype=tower.dtype).eval().requires_grad_(False)
+    head = head.to(device=parameters.device, dtype=parameters.dtype).eval().requires_grad_(False)
     model.__dict__["_siglip_pooling_head"] = head
     return head
 
