@@ -272,25 +272,33 @@ def test_a_padded_batch_equals_its_rows_alone(name):
             torch.testing.assert_close(logits[index], row_logits[0], rtol=1e-4, atol=1e-4)
 
 
+def onevision_against_the_package_model(tiny_checkpoint, settings: dict, seed: int, tower_folder=None):
+    """Generate with ``settings`` on this package's LLaVA model and on transformers' LlavaOnevision with the same
+    weights: both give the same tokens, logits and video tokens after compression (fewer than before)."""
+    tokenizer, ours = load(tiny_checkpoint, **settings)
+    theirs, placeholder = transformers_onevision(tiny_checkpoint, ours)
+    if tower_folder is not None:
+        theirs.config.mm_vision_tower = str(tower_folder)
+    video = random_video(6, ours.get_vision_tower().image_size, seed=seed)
+    ids = prompt(tokenizer)
+    our_tokens, our_logits = greedy(ours, tokenizer, ids, [video], 4)
+    count = 6 * math.ceil(ours.get_vision_tower().num_patches_per_side / 2) ** 2 + 1
+    at = int((ids[0] == -200).nonzero())
+    expanded = torch.cat([ids[:, :at], torch.full((1, count), placeholder), ids[:, at + 1:]], dim=1)
+    with compressed(theirs, **settings) as handle:
+        output = theirs.generate(input_ids=expanded, pixel_values_videos=video[None], max_new_tokens=4,
+                                 min_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                                 output_logits=True, return_dict_in_generate=True)
+    assert handle.last_stats["video_tokens_after"] == ours.last_compression_stats["video_tokens_after"] < count - 1
+    assert torch.equal(output.sequences[:, expanded.shape[1]:], our_tokens)
+    torch.testing.assert_close(torch.stack(output.logits, 1), our_logits, rtol=1e-4, atol=1e-4)
+
+
 def test_onevision_equals_the_package_model_on_the_same_weights(tiny_checkpoint):
     """The same weights in both formats: VisionZip (merging) and FlashVID (with its in-LLM stage) give the same
     tokens and logits on transformers' LlavaOnevision as on this package's LLaVA model."""
     for settings in (dict(VISIONZIP), dict(FLASHVID, flashvid_llm_retention_ratio=0.5, flashvid_pruning_layer=2)):
-        tokenizer, ours = load(tiny_checkpoint, **settings)
-        theirs, placeholder = transformers_onevision(tiny_checkpoint, ours)
-        video = random_video(6, ours.get_vision_tower().image_size, seed=7)
-        ids = prompt(tokenizer)
-        our_tokens, our_logits = greedy(ours, tokenizer, ids, [video], 4)
-        count = 6 * math.ceil(ours.get_vision_tower().num_patches_per_side / 2) ** 2 + 1
-        at = int((ids[0] == -200).nonzero())
-        expanded = torch.cat([ids[:, :at], torch.full((1, count), placeholder), ids[:, at + 1:]], dim=1)
-        with compressed(theirs, **settings) as handle:
-            output = theirs.generate(input_ids=expanded, pixel_values_videos=video[None], max_new_tokens=4,
-                                     min_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                                     output_logits=True, return_dict_in_generate=True)
-        assert handle.last_stats["video_tokens_after"] == ours.last_compression_stats["video_tokens_after"] < count - 1
-        assert torch.equal(output.sequences[:, expanded.shape[1]:], our_tokens)
-        torch.testing.assert_close(torch.stack(output.logits, 1), our_logits, rtol=1e-4, atol=1e-4)
+        onevision_against_the_package_model(tiny_checkpoint, settings, seed=7)
 
 
 # ---- what cannot be supported ----------------------------------------------------------------------------------
@@ -328,22 +336,7 @@ def test_fastvid_on_onevision_reads_the_pooling_head_and_equals_the_package_mode
     as this package's LLaVA model with the same weights and head. Without a readable head: refused by name, nothing
     applied."""
     settings = {"compressor": "fastvid", "fastvid_retention_ratio": 0.5, "fastvid_dyseg_c": 2, "fastvid_dtm_p": 2}
-    tokenizer, ours = load(tiny_checkpoint, **settings)
-    theirs, placeholder = transformers_onevision(tiny_checkpoint, ours)
-    theirs.config.mm_vision_tower = str(tiny_checkpoint / "vision_tower")
-    video = random_video(6, ours.get_vision_tower().image_size, seed=8)
-    ids = prompt(tokenizer)
-    our_tokens, our_logits = greedy(ours, tokenizer, ids, [video], 4)
-    count = 6 * math.ceil(ours.get_vision_tower().num_patches_per_side / 2) ** 2 + 1
-    at = int((ids[0] == -200).nonzero())
-    expanded = torch.cat([ids[:, :at], torch.full((1, count), placeholder), ids[:, at + 1:]], dim=1)
-    with compressed(theirs, **settings) as handle:
-        output = theirs.generate(input_ids=expanded, pixel_values_videos=video[None], max_new_tokens=4,
-                                 min_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                                 output_logits=True, return_dict_in_generate=True)
-    assert handle.last_stats["video_tokens_after"] == ours.last_compression_stats["video_tokens_after"] < count - 1
-    assert torch.equal(output.sequences[:, expanded.shape[1]:], our_tokens)
-    torch.testing.assert_close(torch.stack(output.logits, 1), our_logits, rtol=1e-4, atol=1e-4)
+    onevision_against_the_package_model(tiny_checkpoint, settings, seed=8, tower_folder=tiny_checkpoint / "vision_tower")
 
     bare = nm.llava_onevision()
     bare.config.mm_vision_tower = str(tmp_path)  # a folder without a tower checkpoint
