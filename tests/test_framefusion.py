@@ -469,13 +469,25 @@ def test_on_qwen2_vl_it_matches_the_full_sequence_reference():
     assert stats["video_tokens_per_layer"] == [rule.per_layer] and rule.per_layer[-1] < len(positions)
 
 
-def test_qwen3_vl_with_deepstack_layers_is_refused_by_name():
-    """Qwen3-VL adds visual features to the video tokens after its first layers: merging them from layer 0 would drop
-    those additions, so the model refuses FrameFusion (and nothing is attached)."""
-    from tests import native_models as nm
-
-    model = nm.qwen3_vl()
-    with pytest.raises(ValueError, match=r"compressor='framefusion' merges video tokens .*\(deepstack\)"), compressed(
-            model, compressor="framefusion"):
-        pass
-    assert not model.model.language_model._forward_pre_hooks
+def test_on_qwen3_vl_with_deepstack_it_matches_the_full_sequence_reference():
+    """Qwen3-VL adds visual features to the video tokens after its first layer (deepstack), which the reference (its
+    stock text model, on the full sequence) adds to every video position: the tokens FrameFusion leaves get their own,
+    merged ones included. More (several deepstack layers, caches, batches): tests/test_qwen3_vl_deepstack.py."""
+    model, reference = nm.qwen3_vl(), nm.qwen3_vl("eager")
+    inputs = nm.video_inputs("qwen3_vl", model, ((5, 6, 7),), seed=3)
+    positions = (inputs["input_ids"][0] == nm.VIDEO).nonzero().flatten().tolist()
+    tokens_per_frame = (16 // nm.PATCH) ** 2 // nm.MERGE**2
+    settings = (0.6, 0.2, 0.02)  # merging steps before layer 0 and after each layer's attention, on this model
+    rule = HiddenFrameFusion(reference, positions, tokens_per_frame, *settings)
+    try:
+        ref_tokens, ref_logits = nm.greedy(reference, inputs, 4)
+    finally:
+        rule.remove()
+    cost, bound, lower = settings
+    with compressed(model, compressor="framefusion", framefusion_cost=cost, framefusion_similarity_lower_bound=bound,
+                    framefusion_ratio_lower_bound=lower) as handle:
+        tokens, logits = nm.greedy(model, inputs, 4)
+        stats = handle.last_stats["framefusion"]
+    assert torch.equal(tokens, ref_tokens)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
+    assert stats["video_tokens_per_layer"] == [rule.per_layer] and 1 in rule.merge_layers  # a merge after layer 0

@@ -26,6 +26,8 @@ from llava.compression.holitom import (
     merge_into_kept,
     static_windows,
 )
+from llava.compression.layout import assemble_video_tokens
+from llava.constants import IMAGE_TOKEN_INDEX
 from tests.conftest import random_video
 from tests.references import (
     cache_variants,
@@ -111,15 +113,36 @@ def reference_frame(feat, attn, pos, ratio, d, beta, k):
     return positions, tokens
 
 
-def reference_holitom(features, attention, r, tau, beta=0.6, d=0.0, k=7, max_window=1024):
-    """The outer-LLM stage of ``prepare_inputs_labels_for_multimodal`` for one video (one_token layout): (index,
-    per_frame, values) of the kept tokens in output order."""
+def reference_segments(features, attention, r, tau, beta=0.6, d=0.0, k=7, max_window=1024):
+    """The outer-LLM stage of ``prepare_inputs_labels_for_multimodal`` for one video, per window as ``holitom`` gets
+    it: ``(start, (static positions, static tokens), [(positions, tokens) of each frame's dynamic tokens])``."""
     num_frames, n, _ = features.shape
     normed = F.normalize(features.float(), p=2, dim=-1)
     feature_sim = F.cosine_similarity(normed[:-1], normed[1:], dim=-1)
     windows, reduced = reference_windows(feature_sim, num_frames, tau, max_window)
     total = num_frames * n
     ratio = min(r / ((total - reduced) / total), 1)
+    segments = []
+    for start, end in windows:
+        static = [p for p in range(n) if end > start and bool((feature_sim[start:end, p] > tau).all())]
+        dynamic = [p for p in range(n) if p not in static]
+        merged_static = ([], [])
+        if end > start:  # merge_tokens_by_density on the static tokens averaged over the window
+            static_feat = features[start : end + 1, static].float().mean(dim=0)
+            cluster_num = round(len(static) * ratio)
+            if cluster_num > 0:
+                centres, dist = reference_dpc_knn(static_feat, cluster_num, min(k, cluster_num))
+                merged_static = ([static[c] for c in centres], reference_clustering(static_feat, centres, dist, beta))
+        frames = [reference_frame(features[frame, dynamic].float(), attention[frame, dynamic], dynamic, ratio, d,
+                                  beta, k) for frame in range(start, end + 1)]
+        segments.append((start, merged_static, frames))
+    return segments
+
+
+def reference_holitom(features, attention, r, tau, beta=0.6, d=0.0, k=7, max_window=1024):
+    """The one_token layout of :func:`reference_segments`: (index, per_frame, values) of the kept tokens in output
+    order (per window its static tokens in its first frame, then each frame's dynamic ones)."""
+    num_frames, n, _ = features.shape
     index, per_frame, values = [], [0] * num_frames, []
 
     def emit(frame, positions, tokens):
@@ -127,18 +150,10 @@ def reference_holitom(features, attention, r, tau, beta=0.6, d=0.0, k=7, max_win
         per_frame[frame] += len(positions)
         values.extend(tokens)
 
-    for start, end in windows:
-        static = [p for p in range(n) if end > start and bool((feature_sim[start:end, p] > tau).all())]
-        dynamic = [p for p in range(n) if p not in static]
-        if end > start:  # merge_tokens_by_density on the static tokens averaged over the window
-            static_feat = features[start : end + 1, static].float().mean(dim=0)
-            cluster_num = round(len(static) * ratio)
-            if cluster_num > 0:
-                centres, dist = reference_dpc_knn(static_feat, cluster_num, min(k, cluster_num))
-                emit(start, [static[c] for c in centres], reference_clustering(static_feat, centres, dist, beta))
-        for frame in range(start, end + 1):
-            emit(frame, *reference_frame(features[frame, dynamic].float(), attention[frame, dynamic], dynamic, ratio,
-                                         d, beta, k))
+    for start, static, frames in reference_segments(features, attention, r, tau, beta, d, k, max_window):
+        emit(start, *static)
+        for offset, (positions, tokens) in enumerate(frames):
+            emit(start + offset, positions, tokens)
     return index, per_frame, torch.stack(values) if values else torch.zeros(0, features.shape[-1])
 
 
@@ -395,3 +410,104 @@ def test_the_tower_attention_is_required():
     features, _ = known_answer_video()
     with pytest.raises(ValueError, match="attention="):
         HoliTom().select(features)
+
+
+# ---- LLaVA-Video's grid layout --------------------------------------------------------------------------------------
+
+
+def public_add_newline_token(positions, tokens, grid_size, newline):
+    """``add_newline_token`` on one frame's tokens sorted by position: each row's tokens, then one newline if the row
+    has any. Returns (token, is_visual) pairs."""
+    out = []
+    for row in range(grid_size):
+        found = [(token, True) for position, token in zip(positions, tokens) if position // grid_size == row]
+        out += found + [(newline, False)] * bool(found)
+    return out
+
+
+def reference_grid_sequence(features, attention, newline, r, tau, **kwargs):
+    """The ``mm_newline_position == "grid"`` branch of ``holitom`` (cokeshao/HoliTom e9b2972f, holitom/llava_arch.py,
+    ``LlavaMetaForCausalLM_holitom.holitom`` with ``add_newline_token``), one window after the other: the window's
+    static tokens and its first frame's dynamic ones sorted together by position, then each later frame's dynamic
+    tokens sorted; each with one newline after every row that keeps a token. Returns (tokens (M', D), is_visual)."""
+    grid_size = int(math.sqrt(features.shape[1]))
+    pairs = []
+    for _, (static_pos, static_tokens), frames in reference_segments(features, attention, r, tau, **kwargs):
+        first = (static_pos + frames[0][0], static_tokens + frames[0][1])
+        for positions, tokens in [first, *frames[1:]]:
+            order = sorted(range(len(positions)), key=positions.__getitem__)
+            pairs += public_add_newline_token([positions[i] for i in order], [tokens[i] for i in order], grid_size,
+                                              newline)
+    return torch.stack([token.float() for token, _ in pairs]), torch.tensor([visual for _, visual in pairs])
+
+
+VIDEO_R, VIDEO_T = 0.3, 0.7
+VIDEO_HOLITOM = {"compressor": "holitom", "holitom_r": VIDEO_R, "holitom_t": VIDEO_T, "holitom_k": LAYER,
+                 "holitom_llm_r": 0}  # the outer-LLM stage only
+
+
+@pytest.fixture(scope="module")
+def video_model(tiny_video_checkpoint):
+    """The LLaVA-Video checkpoint (grid newlines, 3 x 3 tokens per frame) with HoliTom."""
+    return load(tiny_video_checkpoint, **VIDEO_HOLITOM)
+
+
+def static_video(size):
+    """Frames 0-2 equal (a static window whose later frames keep nothing), then five random frames."""
+    video = random_video(FRAMES, size, seed=9)
+    video[1:3] = video[0]
+    return video
+
+
+def spied_inputs(model, monkeypatch):
+    """What HoliTom's ``select`` receives (the pooled features and tower attention), recorded on each call."""
+    compressor, seen = model.video_compressor(), {}
+    select = compressor.select
+
+    def spy(features, **inputs):
+        seen.update(features=features, **inputs)
+        return select(features, **inputs)
+
+    monkeypatch.setattr(compressor, "select", spy)
+    return seen
+
+
+def test_llava_video_places_newlines_as_the_public_code(video_model, monkeypatch):
+    """The whole prompt embedding the LM sees on LLaVA-Video equals the text embeddings around the public grid
+    branch's sequence (a row that keeps nothing has no newline, frames 1 and 2 contribute nothing)."""
+    tokenizer, model = video_model
+    ids, video = prompt(tokenizer), static_video(model.get_vision_tower().image_size)
+    seen = spied_inputs(model, monkeypatch)
+    mm = model.build_multimodal_inputs(ids, None, None, [video], ["video"], None, padding_side="left")
+    newline = model.get_model().image_newline
+    ref_tokens, ref_visual = reference_grid_sequence(seen["features"], seen["attention"], newline, VIDEO_R, VIDEO_T)
+    at = int((ids[0] == IMAGE_TOKEN_INDEX).nonzero())
+    embed = model.get_model().embed_tokens
+    expected = torch.cat([embed(ids[0, :at]), ref_tokens, embed(ids[0, at + 1 :])])
+    torch.testing.assert_close(mm.inputs_embeds[0], expected)
+    assert torch.equal(mm.video_token_mask[0, at : at + len(ref_visual)], ref_visual)
+    # The case is discriminating: the equal frames' window, another multi-frame window (static tokens sorted in among
+    # its first frame's dynamic ones), and fewer newlines than rows (the default rule keeps every row's).
+    frames, tokens_per_frame, _ = seen["features"].shape
+    windows, _ = static_windows(holitom.frame_similarity(seen["features"]), VIDEO_T, 1024)
+    assert windows[0] == (0, 2) and any(end > start for start, end in windows[1:])
+    assert int((~ref_visual).sum()) < frames * math.isqrt(tokens_per_frame)
+
+
+def test_other_layouts_keep_every_row_newline(video_model):
+    """VidCom2 on the same model, and HoliTom with keep_positions: every frame keeps its h row newlines."""
+    _, model = video_model
+    video = static_video(model.get_vision_tower().image_size)
+    frames, side = FRAMES, model.get_vision_tower().num_patches_per_side // 2  # average pooling floors
+    newline = model.get_model().image_newline
+    try:
+        for settings in ({"compressor": "vidcom2", "vidcom2_r": 0.1}, {**VIDEO_HOLITOM, "keep_positions": True}):
+            model.configure_compression(**settings)
+            tokens, mask, record = model.encode_visual_items([video], ["video"], None)[0]
+            assert int(mask.sum()) == record.selection.num_kept < frames * side * side
+            assert torch.equal(tokens[~mask], newline.expand(frames * side, -1))
+            if "vidcom2_r" in settings:  # grouped at each frame's end: the public VidCom2 rule
+                expected = assemble_video_tokens(record.pooled, record.selection, newline, "grid", (side, side))
+                assert torch.equal(tokens, expected.tokens)
+    finally:
+        model.configure_compression(**VIDEO_HOLITOM, keep_positions=False)

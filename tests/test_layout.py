@@ -181,3 +181,82 @@ def test_selection_validation():
         TokenSelection(index=torch.tensor([0.0, 1.0]), per_frame=torch.tensor([2]))
     with pytest.raises(ValueError, match="per_frame"):
         TokenSelection(index=torch.tensor([0, 1]), per_frame=torch.tensor([[2]]))
+
+
+# ---- grid_newlines="kept_rows": the public HoliTom placement (cokeshao/HoliTom holitom/llava_arch.py) ----------------
+
+
+def reference_kept_rows(feats, newline, sel, h, w):
+    """The ``kept_rows`` rule written out: per frame, per row, the row's kept tokens in column order (a merging
+    selection's values in place of the features), then one newline if the row kept any."""
+    table = {i: (sel.values[j] if sel.values is not None else feats.reshape(-1, DIM)[i])
+             for j, i in enumerate(sel.index.tolist())}
+    tokens, visual = [], []
+    for f in range(feats.shape[0]):
+        for row in range(h):
+            kept = [f * h * w + row * w + col for col in range(w) if f * h * w + row * w + col in table]
+            tokens += [table[i] for i in kept]
+            visual += [True] * len(kept)
+            if kept and newline is not None:
+                tokens.append(newline)
+                visual.append(False)
+    return torch.stack(tokens), torch.tensor(visual)
+
+
+def test_kept_rows_known_answer():
+    """F=3, h=2, w=3. Frame 0 keeps (1, 1) and (0, 0); frame 1 keeps (0, 1), (0, 2): its row 1 keeps nothing; frame 2
+    keeps nothing. By hand: [0, NL, 4, NL, 7, 8, NL]; the default rule: [0, 4, NL, NL, 7, 8, NL, NL, NL, NL]."""
+    sel = TokenSelection(index=torch.tensor([4, 0, 8, 7]), per_frame=torch.tensor([2, 2, 0]))
+    assert video_token_layout(3, 6, sel, "grid", (2, 3), grid_newlines="kept_rows").tolist() == [0, -1, 4, -1, 7, 8, -1]
+    assert video_token_layout(3, 6, sel, "grid", (2, 3)).tolist() == [0, 4, -1, -1, 7, 8, -1, -1, -1, -1]
+    assert video_token_layout(3, 6, sel, "grid", (2, 3), with_newline=False, grid_newlines="kept_rows").tolist() == [
+        0, 4, 7, 8]
+    feats, newline = make_video(3, 2, 3)
+    values = torch.arange(4 * DIM, dtype=torch.float32).view(4, DIM)  # a merging method's tokens, in index order
+    merged = TokenSelection(sel.index, sel.per_frame, values)
+    out = assemble_video_tokens(feats, merged, newline, "grid", (2, 3), grid_newlines="kept_rows")
+    expected = torch.stack([values[1], newline, values[0], newline, values[3], values[2], newline])
+    assert torch.equal(out.tokens, expected)
+    assert out.is_visual.tolist() == [True, False, True, False, True, True, False]
+
+
+@pytest.mark.parametrize("compressor", [TemporalTokenMerging(0.6), VidCom2(0.2)], ids=["ttm", "vidcom2"])
+@pytest.mark.parametrize("num_frames,h,w", [(5, 4, 4), (2, 3, 5)])
+def test_kept_rows_on_selections(compressor, num_frames, h, w):
+    feats, newline = make_video(num_frames, h, w)
+    sel = compressor.select(feats)
+    out = assemble_video_tokens(feats, sel, newline, "grid", (h, w), grid_newlines="kept_rows")
+    ref_tokens, ref_visual = reference_kept_rows(feats, newline, sel, h, w)
+    assert torch.equal(out.tokens, ref_tokens) and torch.equal(out.is_visual, ref_visual)
+    # The visual tokens are the default rule's; only the newlines move: one per row that keeps a token.
+    default = assemble_video_tokens(feats, sel, newline, "grid", (h, w))
+    assert torch.equal(out.tokens[out.is_visual], default.tokens[default.is_visual])
+    rows_kept = len(set((sel.index // w).tolist()))
+    assert int((~out.is_visual).sum()) == rows_kept and int((~default.is_visual).sum()) == num_frames * h
+    if isinstance(compressor, VidCom2):  # few tokens per frame: some rows keep nothing, so the rules differ
+        assert rows_kept < num_frames * h
+
+
+def test_kept_rows_changes_only_the_compressed_grid_layout():
+    """No selection, an identity selection, the other positions and keep_positions are the same with either rule."""
+    num_frames, h, w = 3, 2, 3
+    feats, newline = make_video(num_frames, h, w)
+    sel = TokenSelection(index=torch.tensor([4, 0, 8, 7]), per_frame=torch.tensor([2, 2, 0]))
+    for position in NEWLINE_POSITIONS:
+        for selection in (None, keep_all(num_frames, h * w), sel):
+            if position == "grid" and selection is sel:
+                continue
+            a = assemble_video_tokens(feats, selection, newline, position, (h, w))
+            b = assemble_video_tokens(feats, selection, newline, position, (h, w), grid_newlines="kept_rows")
+            assert torch.equal(a.tokens, b.tokens) and torch.equal(a.is_visual, b.is_visual), (position, selection)
+        a = video_token_layout(num_frames, h * w, sel, position, (h, w), keep_positions=True)
+        b = video_token_layout(num_frames, h * w, sel, position, (h, w), keep_positions=True, grid_newlines="kept_rows")
+        assert torch.equal(a, b), position
+
+
+def test_unknown_grid_newlines():
+    feats, newline = make_video(2, 2, 2)
+    for call in (lambda: assemble_video_tokens(feats, None, newline, "grid", grid_newlines="rows"),
+                 lambda: video_token_layout(2, 4, None, "grid", keep_positions=True, grid_newlines="rows")):
+        with pytest.raises(ValueError, match="grid_newlines must be one of .*frame_end.*kept_rows"):
+            call()

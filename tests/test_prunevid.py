@@ -23,6 +23,7 @@ from llava.compression.prunevid import (
     prunevid_segments,
     refine_clusters,
 )
+from llava.transformers_compat import output_cache
 from tests.conftest import random_video
 from tests.references import (
     HostReads,
@@ -139,9 +140,11 @@ def public_spatial_merge(tokens, positions, cluster_ratio, generator):
     return out
 
 
-def public_merge_frames_dynamic(frames, tau, temporal_segment_ratio, cluster_ratio, seed=0):
+def public_merge_frames_dynamic(frames, tau, temporal_segment_ratio, cluster_ratio, seed=0, sizes=None):
     """``merge_frames_dynamic`` on (F, N, C) frames: [(frame, position, features)] in output order. k = 7 capped at F
-    and at least one segment (where the public code fails, see the module docstring of prunevid.py)."""
+    and at least one segment (where the public code fails, see the module docstring of prunevid.py). ``sizes``, a
+    list, receives what the public function returns for the second stage: (static_size, dynamic tokens per frame,
+    window_size) of each segment."""
     generator = torch.Generator().manual_seed(seed)
     num_frames, n, _ = frames.shape
     labels, _ = public_cluster_dpc_knn(frames.mean(dim=1), max(1, int(num_frames * temporal_segment_ratio)),
@@ -156,14 +159,18 @@ def public_merge_frames_dynamic(frames, tau, temporal_segment_ratio, cluster_rat
             static.append(window > 1 and (total - window) / (window * (window - 1)) > tau)
         static_positions = [l for l in range(n) if static[l]]
         dynamic_positions = [l for l in range(n) if not static[l]]
+        before = len(out)
         if static_positions:
             mean = current[:, static_positions].mean(dim=0)
             out += [(start, p, v) for p, v in public_spatial_merge(mean, static_positions, cluster_ratio, generator)]
+        static_size = len(out) - before
         for w in range(window):
             if dynamic_positions:
                 tokens = current[w, dynamic_positions]
                 out += [(start + w, p, v) for p, v in public_spatial_merge(tokens, dynamic_positions, cluster_ratio,
                                                                          generator)]
+        if sizes is not None:
+            sizes.append((static_size, (len(out) - before - static_size) // window, window))
         start += window
     return out
 
@@ -272,9 +279,13 @@ def test_first_stage_equals_the_public_code(frames, tokens, tau, segment_ratio, 
     generator = torch.Generator().manual_seed(frames * 100 + tokens)
     features = drifting_scenes(frames, tokens, generator)
     selection = PruneVid(tau, segment_ratio, cluster_ratio).select(features)
-    expected = public_merge_frames_dynamic(features, tau, segment_ratio, cluster_ratio)
+    sizes = []
+    expected = public_merge_frames_dynamic(features, tau, segment_ratio, cluster_ratio, sizes=sizes)
     assert_selection_is(selection, expected, tokens, frames)
     assert len(expected) < frames * tokens  # it merged something
+    # the quota groups of the second stage: each segment's static tokens, then each of its frames' dynamic ones
+    groups = [size for static, dynamic, window in sizes for size in [static] + [dynamic] * window]
+    assert selection.groups.tolist() == [g for g, size in enumerate(groups) for _ in range(size)]
 
 
 # ---- the second stage: the public rule with hooks on an eager model -------------------------------------------------
@@ -288,15 +299,19 @@ VARIANTS = cache_variants()
 class HiddenPruneVid:
     """PruneVid's in-LLM rule on an eager model (batch 1), with hooks. At the prefill, layer ``selected_layer``'s
     input gives the un-rotated queries and keys (``attn_weights_wo_pos``: no RoPE, no mask, softmax over every
-    key); the maximum over heads, then over the text after the video, ranks the video span, whose top
-    int(n * alpha) stay (``process_attention`` with one group). The others are hidden by the additive mask from
-    the later layers (prefill and decoding) and, while decoding, from layers <= selected_layer too
-    (``prompt_prefill`` cuts the cache of those layers). ``early=False`` leaves those layers alone (to show that
-    the check sees the difference)."""
+    key); the maximum over heads, then over the text after the video, ranks the video span. As the public
+    ``process_attention`` (elastic_cache.py, Visual-AI/PruneVid b12600c), each segment of ``sizes`` (static_size,
+    dynamic tokens per frame, window_size; the video span is [static, frame 1's dynamic, ...] segment after
+    segment) keeps its top int(static_size * alpha) static tokens and each of its frames its top
+    int(per_frame * alpha) dynamic ones (``sizes`` None: the span is one group of int(n * alpha)). The others are
+    hidden by the additive mask from the later layers (prefill and decoding) and, while decoding, from layers <=
+    selected_layer too (``prompt_prefill`` cuts the cache of those layers). ``early=False`` leaves those layers
+    alone (to show that the check sees the difference)."""
 
-    def __init__(self, model, positions, selected_layer, alpha, early=True):
-        self.positions, self.layer, self.early = positions, selected_layer, early
-        self.keep = int(len(positions) * alpha)
+    def __init__(self, model, positions, selected_layer, alpha, early=True, sizes=None):
+        self.positions, self.layer, self.early, self.alpha = positions, selected_layer, early, alpha
+        self.sizes = [(len(positions), 0, 1)] if sizes is None else sizes
+        assert sum(static + dynamic * window for static, dynamic, window in self.sizes) == len(positions)
         self.dropped = None
         layers = decoder_layers(model)
         self.handles = [layers[selected_layer].register_forward_pre_hook(self.rank, with_kwargs=True)]
@@ -317,7 +332,14 @@ class HiddenPruneVid:
         img_start, img_end = int(self.positions[0]), int(self.positions[-1])
         text_to_image = weights[0, :, img_end + 1:, img_start:img_end + 1]
         scores = text_to_image.max(dim=0).values.max(dim=0).values
-        kept = scores.topk(self.keep).indices + img_start
+        kept, start = [], 0
+        for static, dynamic, window in self.sizes:
+            kept.append(scores[start:start + static].topk(int(static * self.alpha)).indices + start)
+            start += static
+            for _ in range(window):
+                kept.append(scores[start:start + dynamic].topk(int(dynamic * self.alpha)).indices + start)
+                start += dynamic
+        kept = torch.cat(kept) + img_start
         self.dropped = self.positions[~torch.isin(self.positions, kept)]
 
     def hide(self, module, args, kwargs):
@@ -343,8 +365,19 @@ def models(tiny_checkpoint):
     return tokenizer, model, reference
 
 
+def public_group_sizes(model, ids, video) -> list[tuple[int, int, int]]:
+    """The public first stage's (static_size, dynamic per frame, window_size) of each segment of ``video``'s pooled
+    features in ``model``."""
+    pooled = model.build_multimodal_inputs(ids, None, None, [video], ["video"], None).videos[0].pooled
+    sizes = []
+    public_merge_frames_dynamic(pooled.float(), STAGE1["prunevid_tau"], STAGE1["prunevid_temporal_segment_ratio"],
+                                STAGE1["prunevid_cluster_ratio"], sizes=sizes)
+    return sizes
+
+
 def reference_run(reference, tokenizer, ids, video, early=True, layer=LAYER, **kwargs):
-    rule = HiddenPruneVid(reference, video_positions(reference, ids, video), layer, ALPHA, early=early)
+    rule = HiddenPruneVid(reference, video_positions(reference, ids, video), layer, ALPHA, early=early,
+                          sizes=public_group_sizes(reference, ids, video))
     try:
         tokens, logits = greedy(reference, tokenizer, ids, [video], STEPS, **kwargs)
     finally:
@@ -366,7 +399,10 @@ def test_in_llm_stage_matches_the_hidden_token_reference(models, variant):
     pruned = stats["prunevid"]
     kept = sorted(set(positions.tolist()) - set(rule.dropped.tolist()))
     assert pruned["pruned"] and pruned["kept_video_positions"][0] == kept  # exactly the public rule's tokens
-    assert pruned["kept_image_tokens"] == [int(len(positions) * ALPHA)]
+    sizes = public_group_sizes(reference, ids, video)
+    assert len(sizes) > 1 and any(static for static, _, _ in sizes)  # several segments, with static tokens
+    quota = sum(int(static * ALPHA) + window * int(dynamic * ALPHA) for static, dynamic, window in sizes)
+    assert pruned["kept_image_tokens"] == [quota] != [int(len(positions) * ALPHA)]  # per group, not over the video
     assert pruned["decode_steps"] == STEPS - 1
 
 
@@ -396,6 +432,25 @@ def test_the_reference_sees_the_early_layers_decoding_mask(models):
     _, without_early, _ = reference_run(reference, tokenizer, ids, video, early=False)
     torch.testing.assert_close(with_early[:, 0], without_early[:, 0])  # the prefill's logits: the same
     assert not torch.allclose(with_early[:, 1:], without_early[:, 1:], atol=1e-4)
+
+
+@pytest.mark.parametrize("variant", ["dynamic", "static"])
+def test_every_layer_decodes_over_the_kept_tokens_only(models, variant):
+    """The public ``prompt_prefill`` cuts the cache of the layers <= selected_layer too: after generate every layer's
+    cache holds the compact prompt and the decoded tokens, and the cache still counts the whole prompt as seen."""
+    tokenizer, model, _ = models
+    ids, video = prompt(tokenizer), random_video(FRAMES, model.get_vision_tower().image_size, seed=3)
+    output = model.generate(ids, images=[video], modalities=["video"], do_sample=False, max_new_tokens=STEPS,
+                            min_new_tokens=STEPS, pad_token_id=tokenizer.pad_token_id, return_dict_in_generate=True,
+                            **VARIANTS[variant])
+    stats, cache = model.last_compression_stats["prunevid"], output_cache(output)
+    assert stats["pruned"] and stats["compact_tokens"] < stats["prefill_tokens"]
+    held = stats["compact_tokens"] + STEPS - 1  # the last token generated is never fed back
+    for layer in cache.layers:
+        assert int(layer.get_seq_length()) == held
+        if variant == "dynamic":
+            assert layer.keys.shape[-2] == layer.values.shape[-2] == held
+    assert int(cache.get_seq_length()) == stats["prefill_tokens"] + STEPS - 1
 
 
 def test_padded_batch_equals_rows_alone(models):
@@ -460,17 +515,37 @@ def test_a_layer_beyond_the_model_names_the_argument(models):
     assert model.compression.prunevid_layer == LAYER
 
 
-def test_qwen3_vl_refuses_a_layer_inside_its_deepstack_layers_by_name():
-    """Qwen3-VL adds visual features after its first (here 3) layers: PruneVid ranks at prunevid_layer and drops
-    from the next layer on, so prunevid_layer >= 2; the refusal names the argument and the smallest valid value."""
-    from llava.compression.native import apply_compression, remove_compression
+def test_on_qwen3_vl_a_layer_inside_its_deepstack_layers_equals_hiding_its_dropped_tokens():
+    """Qwen3-VL adds visual features after its first (here 3) layers; prunevid_layer=1 ranks at layer 1 and drops
+    from layer 2 on, so layer 1 adds them to the whole prompt and layer 2 to the kept tokens only. Equal to the
+    stock model (its text model adds every feature at every visual position) with the same first stage
+    (prunevid_alpha=1) and the tokens the model dropped hidden: from the layers after layer 1 in the prefill, from
+    every layer while decoding (the public ``prompt_prefill``). Which tokens PruneVid drops is checked above."""
+    from llava.compression import compressed
     from tests import native_models as nm
+    from tests.test_qwen3_vl_deepstack import deep_qwen3_vl
 
-    deep = nm.qwen3_vl()
-    deep.config.vision_config.deepstack_visual_indexes = [0, 1, 2]
-    message = r"prunevid_layer=1: .* PruneVid can drop tokens from layer 3 .* use prunevid_layer >= 2"
-    with pytest.raises(ValueError, match=message):
-        apply_compression(deep, compressor="prunevid", prunevid_layer=1)
-    assert "llava_compression" not in deep.__dict__
-    apply_compression(deep, compressor="prunevid", prunevid_layer=2)
-    remove_compression(deep)
+    model, reference = deep_qwen3_vl(), deep_qwen3_vl("eager")
+    inputs = nm.video_inputs("qwen3_vl", model, ((5, 6, 7),), frames=16, seed=3)
+    with compressed(model, compressor="prunevid", prunevid_layer=1, prunevid_alpha=0.5) as handle:
+        tokens, logits = nm.greedy(model, inputs, STEPS)
+        video, kept = handle.last_stats["video_positions"][0], handle.last_stats["prunevid"]["kept_video_positions"][0]
+    dropped = torch.tensor(sorted(set(video) - set(kept)))
+    assert len(dropped) and set(kept) < set(video)
+
+    def hide(module, args, kwargs):
+        if module.layer_idx <= 1 and kwargs["hidden_states"].shape[1] > 1:
+            return None
+        mask = kwargs["attention_mask"]
+        kwargs["attention_mask"] = mask.index_fill(-1, dropped, torch.finfo(mask.dtype).min)
+        return args, kwargs
+
+    hooks = [layer.self_attn.register_forward_pre_hook(hide, with_kwargs=True) for layer in decoder_layers(reference)]
+    try:
+        with compressed(reference, compressor="prunevid", prunevid_layer=1, prunevid_alpha=1.0):
+            ref_tokens, ref_logits = nm.greedy(reference, inputs, STEPS)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert torch.equal(tokens, ref_tokens)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=3e-5)

@@ -30,11 +30,15 @@ class TokenSelection:
         values: (M, D) the features of the kept tokens, in output order, for methods that merge tokens (a kept
             token then stands for several: ``index`` is where it sits, e.g. for its position); None (selecting
             methods) means ``features.reshape(F * N, D)[index]``.
+        groups: (M,) int64, for a method whose in-LLM stage keeps a share of each group of tokens (PruneVid: a
+            segment's static tokens, each frame's moving ones): the group of each kept token, in output order,
+            numbered from 0. None: the video is one group.
     """
 
     index: torch.Tensor
     per_frame: torch.Tensor
     values: torch.Tensor | None = None
+    groups: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         # Shape and dtype checks only: checking values would force a device sync.
@@ -49,12 +53,28 @@ class TokenSelection:
                 f"TokenSelection.values must be a (M, D) tensor with M = {self.index.numel()} kept tokens, "
                 f"got {_describe(self.values)}"
             )
+        if self.groups is not None and (
+            not isinstance(self.groups, torch.Tensor) or self.groups.dtype != torch.long
+            or tuple(self.groups.shape) != (self.index.numel(),)
+        ):
+            raise ValueError(
+                f"TokenSelection.groups must be a ({self.index.numel()},) torch.long tensor (one group per kept "
+                f"token), got {_describe(self.groups)}"
+            )
 
     def kept_features(self, features: torch.Tensor) -> torch.Tensor:
         """(M, D) the features of the kept tokens in output order (merged values where the method merges)."""
         if self.values is not None:
             return self.values.to(features.dtype)
         return features.reshape(-1, features.shape[-1])[self.index]
+
+    def groups_at(self, source: torch.Tensor, num_features: int) -> torch.Tensor:
+        """(L,) int64: the group of each entry of a layout ``source`` (indices into the ``num_features`` = F * N
+        flattened features, -1 for a newline): -1 at newlines, the kept token's group elsewhere (0 for every kept
+        token of a selection without groups)."""
+        table = torch.full((num_features + 1,), -1, dtype=torch.long, device=source.device)
+        table[self.index] = self.groups if self.groups is not None else 0
+        return table[source]  # a newline (-1) reads the last entry
 
     @property
     def num_frames(self) -> int:
@@ -77,6 +97,10 @@ class VideoTokenCompressor(ABC):
     # ``frame_global=`` (F, C), each frame's pooled feature, and ``saliency=`` (F, N), the head's attention over the
     # patches, pooled like the features (llava.model.pooling_head).
     needs_pooling_head: bool = False
+    # Where LLaVA-Video's grid layout puts the row newlines of the kept tokens (llava.compression.layout.GRID_NEWLINES):
+    # "frame_end", all of a frame's newlines after its kept tokens (the public VidCom2 rule), or "kept_rows", one after
+    # each row that keeps a token (the public HoliTom code). Layouts with keep_positions do not depend on it.
+    grid_newlines: str = "frame_end"
 
     @abstractmethod
     def select(self, features: torch.Tensor) -> TokenSelection:

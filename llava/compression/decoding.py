@@ -82,6 +82,9 @@ class GenerationInputs:
     dtype: torch.dtype  # of the hidden states
     record: bool = False  # keep per-step records for tracing (DyCoke's active set at every step)
     tokens_per_frame: int | None = None  # video tokens of each frame, frame after frame (None: not known)
+    # (batch, prefill_length) int64: the quota group of each video token (TokenSelection.groups, numbered per row
+    # across its videos), -1 elsewhere; None: each row's video tokens are one group
+    video_groups: torch.Tensor | None = None
 
 
 class DecodeState:
@@ -115,6 +118,11 @@ class DecodeState:
         if layer_idx == self.last_layer and self.phase == PREFILL:
             self.phase = DECODE
 
+    def uncached_prompt_tokens(self, layer_idx: int) -> int:
+        """Prompt tokens layer ``layer_idx``'s cache no longer holds (a method that cut it after the prefill): the
+        cache still counts them as seen (:meth:`_CompressionCache.get_seq_length`), as the model's positions do."""
+        return 0
+
     def keeps_full_cache(self, layer_idx: int) -> bool:
         """Whether the cache stores this layer's new keys/values (else :meth:`update_cache` keeps them)."""
         return True
@@ -134,6 +142,13 @@ class DecodeState:
 
     def observe(self, decoder_layer, layer_idx: int, inputs: LayerInputs, cache) -> None:
         """Read what decoder layer ``layer_idx`` just did."""
+
+    def add_to_output(self, layer_idx: int, output: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """Decoder layer ``layer_idx``'s prefill ``output`` with ``features`` (B, S, D), one per prefill position,
+        added to what the next layer runs on, each slot getting the feature of the position it holds (a model that adds
+        features to the hidden states between layers: Qwen3-VL's deepstack). Called after :meth:`after_layer`. A
+        state that shortens the hidden states maps its slots; here they are the prefill's own."""
+        return output + features
 
     def summary(self) -> dict:
         """Statistics of the generation, as plain Python values (read from the device once, at the end)."""
@@ -175,6 +190,14 @@ class _CompressionCache:
         if self.compression.keeps_full_cache(layer_idx):
             keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
         return self.compression.update_cache(layer_idx, key_states, value_states, keys, values)
+
+    def get_seq_length(self, layer_idx: int = 0):
+        """The tokens seen (prompt and decoded), also when the state cut the prompt from this layer's cache: what
+        transformers reads to number the next positions."""
+        length = super().get_seq_length(layer_idx)
+        if self.compression is None:
+            return length
+        return length + self.compression.uncached_prompt_tokens(layer_idx)
 
 
 class CompressionDynamicCache(_CompressionCache, DynamicCache):

@@ -33,6 +33,7 @@ import torch
 
 from llava.compression._attention import layer_query, mean_head_attention, slots_below
 from llava.compression.decoding import (
+    DECODE,
     PREFILL,
     DecodeCompressor,
     DecodeState,
@@ -44,7 +45,7 @@ from llava.compression.masks import KeyMask, causal_prefill_mask, mask_kind
 from llava.compression.registry import Argument, Stages, register
 from llava.compression.settings import check_setting
 
-__all__ = ["CompactLayout", "FastV", "FastVState"]
+__all__ = ["CompactLayout", "FastV", "FastVState", "prunable_positions"]
 
 
 class FastV(DecodeCompressor):
@@ -85,7 +86,7 @@ class FastV(DecodeCompressor):
 
     def new_state(self, inputs: GenerationInputs) -> FastVState | None:
         check_setting(self.layer_argument, self.layer_setting, inputs.num_layers)
-        layout = CompactLayout.from_mask(inputs.prunable, self.ratio, self.keep_rounding)
+        layout = self.compact_layout(inputs)
         if not layout.drops_any:
             return None
         if not all(keep for keep, count in zip(layout.keep_counts, layout.video_counts) if count):
@@ -96,6 +97,11 @@ class FastV(DecodeCompressor):
                 stacklevel=4,
             )
         return self.state_type()(self, inputs, layout)
+
+    def compact_layout(self, inputs: GenerationInputs) -> CompactLayout:
+        """How many video tokens each row keeps, and the compact layout that follows. FastV: ``keep_rounding(n *
+        (1 - ratio))`` of a row's n video tokens."""
+        return CompactLayout.from_mask(inputs.prunable, self.ratio, self.keep_rounding)
 
 
 @dataclass
@@ -113,27 +119,41 @@ class CompactLayout:
     @classmethod
     def from_mask(cls, video: torch.Tensor, ratio: float, rounding=round) -> CompactLayout:
         """``rounding`` turns n * (1 - ratio) into a count: Python's round for FastV (the public code's)."""
-        length = video.shape[1]
-        prunable = video.clone()
-        prunable[:, -1] = False  # the last prompt token ranks the others: never dropped
+        prunable = prunable_positions(video)
         video_counts = prunable.sum(dim=1).tolist()
-        keep_counts = [rounding(count * (1 - ratio)) for count in video_counts]
+        return cls.from_counts(prunable, video_counts, [rounding(count * (1 - ratio)) for count in video_counts])
+
+    @classmethod
+    def from_counts(cls, prunable: torch.Tensor, video_counts: list[int], keep_counts: list[int],
+                    **fields) -> CompactLayout:
+        """The layout of rows keeping ``keep_counts`` of their ``video_counts`` ``prunable`` positions
+        (``prunable_positions``); ``fields``: a subclass's own."""
+        length, device = prunable.shape[1], prunable.device
         row_lengths = [length - count + keep for count, keep in zip(video_counts, keep_counts)]
         width = max(row_lengths)
-        offset = torch.tensor([width - row for row in row_lengths], device=video.device)
+        offset = torch.tensor([width - row for row in row_lengths], device=device)
         return cls(
             width=width,
             video_counts=video_counts,
             keep_counts=keep_counts,
             prunable=prunable,
-            keep_slot=slots_below(torch.tensor(keep_counts, device=video.device), max(keep_counts)),
-            slot_valid=torch.arange(width, device=video.device) >= offset[:, None],
+            keep_slot=slots_below(torch.tensor(keep_counts, device=device), max(keep_counts)),
+            slot_valid=torch.arange(width, device=device) >= offset[:, None],
             offset=offset,
+            **fields,
         )
 
     @property
     def drops_any(self) -> bool:
         return any(keep < count for count, keep in zip(self.video_counts, self.keep_counts))
+
+
+def prunable_positions(video: torch.Tensor) -> torch.Tensor:
+    """(B, S) bool: the video positions that may be dropped: all but the last prompt position, which ranks the
+    others (generate reads its logits)."""
+    prunable = video.clone()
+    prunable[:, -1] = False
+    return prunable
 
 
 class FastVState(DecodeState):
@@ -157,7 +177,8 @@ class FastVState(DecodeState):
     def begin_step(self, cache) -> None:
         self.slot.copy_(self.step)
         self.step.add_(1)
-        decoded = cache.layers[0].get_mask_sizes(1)[0] - self.prefill_length  # a Python int, from shapes
+        prompt_slots = self.layout.width if self.holds_compact_cache(0) else self.prefill_length
+        decoded = cache.layers[0].get_mask_sizes(1)[0] - prompt_slots  # a Python int, from shapes
         if self.layout.width + decoded > self.decode_mask.capacity:  # a dynamic cache longer than planned
             self.decode_mask.grow(decoded + 256)
         self.decode_mask.mark_decoded(self.slot)
@@ -166,21 +187,40 @@ class FastVState(DecodeState):
         if self.phase == PREFILL and layer_idx == self.ranking_layer:
             self._plan(decoder_layer, inputs, cache)
 
+    def holds_compact_cache(self, layer_idx: int) -> bool:
+        """Whether layer ``layer_idx``'s cache holds the compact prompt (W slots) after the prefill: FastV's layers
+        >= K. A method that also cuts the other layers' cache says so here."""
+        return layer_idx >= self.first_pruned
+
+    def uncached_prompt_tokens(self, layer_idx: int) -> int:
+        if self.index is None or not self.holds_compact_cache(layer_idx):
+            return 0
+        return self.prefill_length - self.layout.width
+
     def layer_inputs(self, layer_idx: int, inputs: LayerInputs, cache) -> LayerInputs:
+        if self.phase == DECODE:  # a compact cache: its mask
+            if not self.holds_compact_cache(layer_idx):
+                return inputs
+            key_length = cache.layers[layer_idx].get_mask_sizes(1)[0]
+            return inputs._replace(attention_mask=self.decode_mask.view(key_length, all_marked=not self.inputs.static_cache))
         if layer_idx < self.first_pruned:
             return inputs
-        if self.phase == PREFILL:
-            plan = self.compact_inputs
-            hidden_states = inputs.hidden_states
-            if layer_idx == self.first_pruned:  # the first pruned layer: keep the kept positions only
-                hidden_states = self.compact(hidden_states)
-            if "mask" not in plan:  # made once, for every layer >= K (their caches all hold W tokens)
-                key_length = cache.layers[layer_idx].get_mask_sizes(self.layout.width)[0]
-                plain = plan["plain_causal"] and inputs.attention_mask is None
-                plan["mask"] = None if plain else causal_prefill_mask(self.valid, key_length, self.kind, self.inputs.dtype)
-            return LayerInputs(hidden_states, plan["mask"], plan["position_ids"], plan["position_embeddings"])
-        key_length = cache.layers[layer_idx].get_mask_sizes(1)[0]
-        return inputs._replace(attention_mask=self.decode_mask.view(key_length, all_marked=not self.inputs.static_cache))
+        plan = self.compact_inputs
+        hidden_states = inputs.hidden_states
+        if layer_idx == self.first_pruned:  # the first pruned layer: keep the kept positions only
+            hidden_states = self.compact(hidden_states)
+        if "mask" not in plan:  # made once, for every layer >= K (their caches all hold W tokens)
+            key_length = cache.layers[layer_idx].get_mask_sizes(self.layout.width)[0]
+            plain = plan["plain_causal"] and inputs.attention_mask is None
+            plan["mask"] = None if plain else causal_prefill_mask(self.valid, key_length, self.kind, self.inputs.dtype)
+        return LayerInputs(hidden_states, plan["mask"], plan["position_ids"], plan["position_embeddings"])
+
+    def add_to_output(self, layer_idx: int, output: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """Layer K-1's output is still the whole prompt (``compact`` merges or drops after the features are added, as
+        on the full sequence); layers >= K hold the compact slots, at the prefill positions ``index``."""
+        if layer_idx >= self.first_pruned:
+            features = features.gather(1, self.index[..., None].expand(-1, -1, features.shape[-1]))
+        return output + features
 
     # ---- the ranking (layer K-1, prefill) ------------------------------------------------------------------------
 

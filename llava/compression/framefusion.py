@@ -45,8 +45,10 @@ Departures, and why:
   padding), each kept token at its original position. Each layer's decoding mask is a :class:`KeyMask` over its
   cache, updated in place: decoding steps read nothing back to the host and compile.
 
-Not supported: a model that indexes the hidden states by prompt position between layers (Qwen3-VL adds its
-deepstack features after its first layers: only its first layer may be followed by a step that compacts).
+Qwen3-VL adds its deepstack features to the visual tokens' hidden states after each of its first layers; here they
+reach each token still in the sequence at its own prompt position (a token that others merged into gets its own),
+which is what the stock model does on the full sequence with the removed tokens hidden
+(:meth:`FrameFusionState.add_to_output`, called by :mod:`llava.compression.native`'s layer hooks).
 """
 
 from __future__ import annotations
@@ -158,7 +160,6 @@ class FrameFusion(DecodeCompressor):
     name = "framefusion"
     label = "FrameFusion"
     stats_key = "framefusion"
-    merges_from_layer_zero = True  # a model that adds features to the video tokens between layers refuses it
 
     def __init__(self, cost: float = 0.3, similarity_lower_bound: float = 0.6, ratio_lower_bound: float = 0.1):
         self.cost = check_setting("framefusion_cost", cost)
@@ -263,6 +264,15 @@ class FrameFusionState(DecodeState):
             self.attention = self._last_token_attention(decoder_layer, layer_idx, inputs, cache)
         if not all(row.merging_done for row in self.rows):  # a merging step follows this layer's attention
             self.pending = self._step_after_attention(decoder_layer, layer_idx, inputs, cache)
+
+    def add_to_output(self, layer_idx: int, output: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """After a merging step that follows this layer's attention, the next layer runs on that step's states, in
+        the layout after it (the features of its kept tokens, merged ones included, are their own); otherwise on the
+        output, in this layer's layout."""
+        if self.pending is not None:
+            self.pending = self.pending + _gather(features, self.current.index)
+            return output
+        return output + _gather(features, self.layouts[layer_idx].index)
 
     def begin_step(self, cache) -> None:
         self.slot.copy_(self.step)

@@ -22,6 +22,10 @@ Before the LM, on one video's pooled features (F, N, D) and the tower attention 
    (the centre alone when nothing joined it).
 4. Order (the public one_token layout): per window, its static tokens (in spatial order, sitting in the window's
    first frame), then per frame the attention-chosen tokens and then the cluster tokens, each in spatial order.
+   LLaVA-Video's grid layout (``holitom``, ``add_newline_token``): per frame its kept tokens in spatial order (a
+   window's static tokens sorted in among its first frame's), one newline after each row that keeps a token, none
+   for a row or a frame that keeps nothing: ``grid_newlines = "kept_rows"`` (:mod:`llava.compression.layout`; other
+   methods put all of a frame's newlines at its end). With ``keep_positions`` every newline stays in its place.
 
 Inside the LM (:class:`HoliTomMerge`): FastV's ranking (layer K-1's attention of the last prompt token keeps the
 ``round(n * (1 - llm_r))`` most attended video tokens), and before layer K each dropped token is merged into the kept
@@ -39,11 +43,9 @@ Departures from the public code, on purpose:
 * Each video gets its own raised ratio r' (the public loop over a batch's videos raises the previous video's r' again
   and pools the whole batch's tower attention for each video; it runs with batch 1).
 * Inside the LM, each row of a padded batch is ranked and merged on its own (the public code reads row 0's span),
-  the newline token is never merged or dropped (the public span includes it), and layers >= K run on the compact
-  sequence with the kept tokens' original positions, as :mod:`llava.compression.fastv` does.
-* LLaVA-Video's grid layout (a newline after each row): the kept tokens of a frame are followed by all of the frame's
-  row newlines, as :mod:`llava.compression.layout` lays out every method's selection; the public code adds a newline
-  only after the rows that keep a token (not tested against it).
+  newline tokens are never merged or dropped (the public span includes them: LLaVA-OV's one, LLaVA-Video's row
+  newlines), and layers >= K run on the compact sequence with the kept tokens' original positions, as
+  :mod:`llava.compression.fastv` does.
 
 Defaults are the published evaluation command (README and ``scripts/eval_ov-7b_holitom.sh``: ``RETAIN_RATIO=0.15
 T=0.80 HOLITOM_k=18 HOLITOM_r=0.5``) and the code's own (``BETA=0.6 D=0 K=7 MAX_WINDOW_SIZE=1024``; its merge
@@ -166,6 +168,7 @@ class HoliTom(VideoTokenCompressor):
 
     name = "holitom"
     needs_tower_attention = True  # the default d = 0 chooses every dynamic token by the tower's attention
+    grid_newlines = "kept_rows"  # the public add_newline_token: a newline after each row that keeps a token
 
     def __init__(self, r: float = 0.15, t: float = 0.8, beta: float = 0.6, d: float = 0.0, knn: int = 7,
                  max_window: int = 1024) -> None:

@@ -19,15 +19,20 @@ With a :class:`TokenSelection`:
   frame, takes the kept tokens in spatial (row-major) order followed by ALL h row
   newlines of that frame. So each frame becomes
   ``[kept tokens, spatial order][newline x h]``: the newlines are kept, but grouped at
-  the end of the frame rather than interleaved with the rows. The same rule applies
-  whatever the compressor; a selection keeping every token in original order
-  (e.g. TTM with k = 0) gives the baseline grid layout.
+  the end of the frame rather than interleaved with the rows. This is the default
+  (``grid_newlines="frame_end"``) whatever the compressor; a selection keeping every token in
+  original order (e.g. TTM with k = 0) gives the baseline grid layout.
+  ``grid_newlines="kept_rows"`` is the rule of the public HoliTom code (``add_newline_token``
+  in ``holitom/llava_arch.py``): per frame the kept tokens in spatial order, with ONE newline
+  after each row that keeps a token, so a row that keeps nothing has no newline and a frame
+  that keeps nothing contributes nothing. A compressor chooses its rule with its
+  ``grid_newlines`` attribute (:class:`~llava.compression.base.VideoTokenCompressor`).
 
 With ``keep_positions=True`` (the ``keep_positions`` setting) every layout is the uncompressed one with the dropped
 video tokens left out: kept tokens in their original order, each newline where it is without compression (grid: after
 its row), and :func:`video_token_positions` gives each token its position in the uncompressed layout, so that the
 language model sees the uncompressed sequence with the dropped tokens removed (what hiding them with the attention
-mask gives).
+mask gives). ``grid_newlines`` does not change these layouts: every newline stays where it is without compression.
 
 ``newline=None`` means no newline tokens at all (``mm_patch_merge_type`` without
 ``unpad`` for one_token): the visual tokens are laid out as above without newlines.
@@ -43,10 +48,12 @@ import torch
 
 from .base import TokenSelection, check_video_features
 
-__all__ = ["NEWLINE_POSITIONS", "VideoTokens", "assemble_video_tokens", "assemble_video_tokens_in_place",
-           "video_token_layout"]
+__all__ = ["GRID_NEWLINES", "NEWLINE_POSITIONS", "VideoTokens", "assemble_video_tokens",
+           "assemble_video_tokens_in_place", "video_token_layout"]
 
 NEWLINE_POSITIONS = ("one_token", "grid", "frame", "no_token")
+GRID_NEWLINES = ("frame_end", "kept_rows")
+"""Where the grid layout puts the row newlines of a selection (see the module docstring); the first is the default."""
 
 NEWLINE = -1
 """Marker for a newline token in :func:`video_token_layout`."""
@@ -69,14 +76,17 @@ def video_token_layout(
     with_newline: bool = True,
     device: torch.device | str | None = None,
     keep_positions: bool = False,
+    grid_newlines: str = "frame_end",
 ) -> torch.Tensor:
     """Source of each output token: (M',) int64, an index into ``features.reshape(F * N, D)``
     or ``NEWLINE`` (-1) for a newline token. See the module docstring for the layouts.
 
     ``grid_hw`` (h, w) with h * w == N is needed for ``grid`` (default: square, h = w = sqrt(N))
     and checked against N when given for the other positions. ``keep_positions``: the uncompressed layout less the
-    dropped tokens (see :func:`assemble_video_tokens_in_place`).
+    dropped tokens (see :func:`assemble_video_tokens_in_place`). ``grid_newlines``: one of ``GRID_NEWLINES``, the
+    grid layout's newline rule for a selection (ignored with ``keep_positions``).
     """
+    _check_grid_newlines(grid_newlines)
     if keep_positions:
         return _in_place(num_frames, tokens_per_frame, selection, position, grid_hw, with_newline, device)[0]
     if position not in NEWLINE_POSITIONS:
@@ -107,6 +117,8 @@ def video_token_layout(
         # Baseline: append a newline column to every frame (frame) or every row (grid).
         rows = index.view(num_frames, tokens_per_frame) if position == "frame" else index.view(num_frames * h, w)
         return torch.cat([rows, newline.expand(rows.shape[0], 1)], dim=1).reshape(-1)
+    if position == "grid" and grid_newlines == "kept_rows":
+        return _kept_rows(index, num_frames * h, w)
 
     # With a selection: each kept token moves right by the number of newlines before it.
     newlines_per_frame = h if position == "grid" else 1
@@ -114,6 +126,23 @@ def video_token_layout(
     out = torch.full((index.numel() + num_frames * newlines_per_frame,), NEWLINE, dtype=torch.long, device=index.device)
     out[torch.arange(index.numel(), device=index.device) + frame * newlines_per_frame] = index
     return out
+
+
+def _kept_rows(index: torch.Tensor, rows: int, w: int) -> torch.Tensor:
+    """The grid layout of the kept tokens ``index`` by the public HoliTom rule: the baseline grid less the dropped
+    tokens and less the newlines of the rows that keep nothing."""
+    kept = torch.zeros(rows * w, dtype=torch.bool, device=index.device)
+    kept[index] = True
+    kept = kept.view(rows, w)
+    survives = torch.cat([kept, kept.any(dim=1, keepdim=True)], dim=1).reshape(-1)
+    full = torch.arange(rows * w, device=index.device).view(rows, w)
+    full = torch.cat([full, torch.full((rows, 1), NEWLINE, dtype=torch.long, device=index.device)], dim=1).reshape(-1)
+    return full[survives]  # a host read (the length depends on the rows kept), once per video at the prefill
+
+
+def _check_grid_newlines(grid_newlines: str) -> None:
+    if grid_newlines not in GRID_NEWLINES:
+        raise ValueError(f"grid_newlines must be one of {GRID_NEWLINES}, got {grid_newlines!r}")
 
 
 def _in_place(num_frames, tokens_per_frame, selection, position, grid_hw, with_newline, device):
@@ -142,6 +171,7 @@ def assemble_video_tokens(
     grid_hw: tuple[int, int] | None = None,
     *,
     keep_positions: bool = False,
+    grid_newlines: str = "frame_end",
 ) -> VideoTokens:
     """Build the token sequence the LM sees for one video.
 
@@ -154,16 +184,19 @@ def assemble_video_tokens(
         grid_hw: (h, w) of each frame's token grid (default: square).
         keep_positions: lay the tokens out in their uncompressed order, newlines where they are without
             compression (with their positions: :func:`assemble_video_tokens_in_place`).
+        grid_newlines: one of ``GRID_NEWLINES``, where the grid layout puts a selection's row newlines (the
+            compressor's ``grid_newlines``); ignored with ``keep_positions``.
     Returns:
         ``VideoTokens(tokens, is_visual)``: (M', D) tokens in ``features``' dtype and
         device, and the (M',) bool mask that is False exactly at newline tokens.
     """
+    _check_grid_newlines(grid_newlines)
     if keep_positions:
         return assemble_video_tokens_in_place(features, selection, newline, position, grid_hw)[0]
     num_frames, tokens_per_frame, _ = _check_inputs(features, newline)
     source = video_token_layout(
         num_frames, tokens_per_frame, selection, position, grid_hw, with_newline=newline is not None,
-        device=features.device,
+        device=features.device, grid_newlines=grid_newlines,
     )
     return _gathered(features, selection, newline, source)
 

@@ -25,7 +25,10 @@ The same pieces as in the LLaVA-NeXT model, applied through transformers' extens
 - while decoding, DyCoke's KV pruning and FastV run their :mod:`.decoding` state through forward hooks on the
   decoder layers and a cache subclass that the first forward of a generation puts in place of generate's cache
   (generate then keeps using the cache the model returns). The state lives in that cache: nothing of a generation
-  stays on the model.
+  stays on the model. Where such a stage shortens the hidden states between layers (FastV and the methods built on
+  it, FrameFusion from layer 0 on), Qwen3-VL's deepstack features are added by hooks on its first layers instead of
+  by its text model, each to the token at the prompt position it belongs to (see ``_Deepstack``): the same as the
+  stock model on the full sequence with the removed tokens hidden.
 
 Images are never compressed. A batch with padding works (each row has its own selection).
 """
@@ -51,7 +54,6 @@ from llava.compression.decoding import (
     make_generation_cache,
     new_token_budget,
 )
-from llava.compression.fastv import FastV
 from llava.compression.masks import BOOL, KeyMask
 from llava.compression.methods import CompressionSetup
 from llava.compression.settings import CompressionSettings, settings_from_kwargs
@@ -173,21 +175,9 @@ class NativeCompression:
         self.video_compressor, self.decoder = setup.video, setup.decoder
         self.language_model = model.model.language_model
         self.video_token_id = _video_token_id(model.config)
-        deepstack = len(getattr(getattr(model.config, "vision_config", None), "deepstack_visual_indexes", []) or [])
-        if deepstack and getattr(self.decoder, "merges_from_layer_zero", False):
-            raise ValueError(
-                f"compressor={settings.compressor!r} merges video tokens from the first layers on, but "
-                f"{type(model).__name__} adds visual features to their hidden states after each of its first "
-                f"{deepstack} layers (deepstack): the merged tokens would lose them. Not supported on this model."
-            )
-        if isinstance(self.decoder, FastV) and self.decoder.layer < deepstack:
-            argument = getattr(self.decoder, "layer_argument", "fastv_k")  # a FastV-based method names its own
-            value = getattr(settings, argument)  # as given (PruneVid's layer is the one before its first pruned)
-            raise ValueError(
-                f"{argument}={value}: {type(model).__name__} adds visual features to the hidden states "
-                f"after its first {deepstack} layers (deepstack), so {self.decoder.label} can drop tokens from layer "
-                f"{deepstack} on at the earliest; use {argument} >= {value + deepstack - self.decoder.layer}."
-            )
+        # Qwen3-VL adds visual features after its first layers (deepstack): with a decode-time stage, hooks add them
+        self.deepstack_layers = len(getattr(getattr(model.config, "vision_config", None), "deepstack_visual_indexes",
+                                            None) or [])
         self.handles: list = []
         self.last_stats: dict = {}
 
@@ -206,6 +196,8 @@ class NativeCompression:
         for layer in self.language_model.layers:
             self.handles.append(layer.register_forward_pre_hook(_before_decoder_layer, with_kwargs=True))
             self.handles.append(layer.register_forward_hook(_after_decoder_layer, with_kwargs=True))
+        for layer in self.language_model.layers[: self.deepstack_layers]:  # after _after_decoder_layer (its steps)
+            self.handles.append(layer.register_forward_hook(_add_deepstack, with_kwargs=True))
         if self.family.needs_grid or self.tower is not None:
             _record_video_features(model.model, self)
         if self.tower is not None:  # what a forward's tower recorded is not kept past it
@@ -355,13 +347,14 @@ class _Sequence:
         self.phase = PREFILL
         self.valid = self.dropped = self.mask = None
         self.tower = None  # per video, the tower attention (compressors that need it), when generate encoded them
+        self.deepstack: _Deepstack | None = None  # Qwen3-VL's features for the layer hooks to add (prefill only)
 
     def compact_prefill(self, kwargs, cache) -> None:
         """Choose the kept video tokens, then shorten ``inputs_embeds`` and its positions and mask to them."""
         owner, family = self.owner, self.owner.family
         embeds = kwargs["inputs_embeds"]
         padding = _padding_mask(kwargs.get("attention_mask"), self.batch, self.length, embeds.device)
-        columns, kept_video, before, after, merged = self._kept_columns(embeds, padding)
+        columns, kept_groups, before, after, merged = self._kept_columns(embeds, padding)
         if merged:  # merging methods: the kept tokens carry their merged values
             embeds = embeds.clone()
             for row, kept_columns, values in merged:
@@ -369,11 +362,12 @@ class _Sequence:
         width = max(len(row) for row in columns)
         index = torch.zeros(self.batch, width, dtype=torch.long, device=embeds.device)
         valid = torch.zeros(self.batch, width, dtype=torch.bool, device=embeds.device)
-        video = torch.zeros_like(valid)
-        for row, (cols, kept) in enumerate(zip(columns, kept_video)):  # right-aligned, like left padding
+        groups = torch.full_like(index, -1)
+        for row, (cols, kept) in enumerate(zip(columns, kept_groups)):  # right-aligned, like left padding
             index[row, width - len(cols) :] = torch.tensor(cols, device=embeds.device)
             valid[row, width - len(cols) :] = True
-            video[row, width - len(cols) :] = torch.tensor(kept, device=embeds.device)
+            groups[row, width - len(cols) :] = torch.tensor(kept, device=embeds.device)
+        video = groups >= 0
         kwargs["inputs_embeds"] = embeds.gather(1, index[..., None].expand(-1, -1, embeds.shape[-1]))
         kwargs["position_ids"] = self._positions(kwargs.get("position_ids"), index, valid)
         kwargs["attention_mask"] = valid.long()
@@ -406,7 +400,13 @@ class _Sequence:
                 attn_implementation=owner.model.config._attn_implementation, dtype=embeds.dtype,
                 tokens_per_frame=self.videos[0].per_frame if self.videos and owner.video_compressor is None
                 and len({video.per_frame for video in self.videos}) == 1 else None,
+                video_groups=groups,
             ))
+        if cache.compression is not None and kwargs.get("deepstack_visual_embeds") is not None:
+            # The decode-time stage may shorten the hidden states between layers, and the text model would index
+            # them with the whole prompt's visual_pos_masks: the layer hooks add the features instead (_add_deepstack).
+            self.deepstack = _Deepstack(kwargs["visual_pos_masks"], kwargs["deepstack_visual_embeds"])
+            kwargs["visual_pos_masks"] = kwargs["deepstack_visual_embeds"] = None
         self.phase = "decode"
 
     def decoding_step(self, kwargs, cache) -> None:
@@ -430,24 +430,26 @@ class _Sequence:
     # ---- helpers -------------------------------------------------------------------------------------------------
 
     def _kept_columns(self, embeds: torch.Tensor, padding: torch.Tensor):
-        """Per row: the columns kept, in sequence order, and whether each is a video token (the compressor's); the
-        video token counts before and after; and (row, kept columns, values) of each video whose tokens merge."""
+        """Per row: the columns kept, in sequence order, and the quota group of each (``TokenSelection.groups``,
+        numbered per row across its videos; -1: not a video token); the video token counts before and after; and
+        (row, kept columns, values) of each video whose tokens merge."""
         family, compressor = self.owner.family, self.owner.video_compressor
         columns = [padding[row].nonzero().flatten().tolist() for row in range(self.batch)]
-        kept_video = [[False] * len(cols) for cols in columns]
+        kept_groups = [[-1] * len(cols) for cols in columns]
         tower = self._tower_attention()
         before = after = 0
         merged = []
         for row in range(self.batch):
-            chosen, video_columns = {}, set()
+            chosen, video_columns, group_of = {}, set(), {}
             for number, video in ((n, video) for n, video in enumerate(self.videos) if video.row == row):
                 columns_of_video = video.columns
                 features = embeds[row, columns_of_video].reshape(video.frames, video.per_frame, -1)
-                kept = columns_of_video
+                kept, groups = columns_of_video, [0] * len(columns_of_video)
                 if compressor is not None:
                     scores = {} if tower is None else tower[number].select_inputs()
                     selection = compressor.select(features, **scores)
                     kept = [columns_of_video[i] for i in selection.index.tolist()]
+                    groups = selection.groups.tolist() if selection.groups is not None else [0] * len(kept)
                     if selection.values is not None:
                         merged.append((row, kept, selection.kept_features(features)))
                 if family.sorted_order:  # each kept token stays where it is
@@ -455,17 +457,19 @@ class _Sequence:
                 else:  # the kept tokens, in the selection's order, take the place of the video
                     chosen[columns_of_video[0]] = kept
                 video_columns.update(columns_of_video)
+                first_group = max(group_of.values(), default=-1) + 1
+                group_of.update((column, first_group + group) for column, group in zip(kept, groups))
                 before, after = before + len(columns_of_video), after + len(kept)
-            row_columns, row_video = [], []
+            row_columns, row_groups = [], []
             for column in columns[row]:
                 if column in chosen:
                     row_columns += chosen[column]
-                    row_video += [True] * len(chosen[column])
+                    row_groups += [group_of[kept] for kept in chosen[column]]
                 elif column not in video_columns:
                     row_columns.append(column)
-                    row_video.append(False)
-            columns[row], kept_video[row] = row_columns, row_video
-        return columns, kept_video, before, after, merged
+                    row_groups.append(-1)
+            columns[row], kept_groups[row] = row_columns, row_groups
+        return columns, kept_groups, before, after, merged
 
     def _tower_attention(self):
         """Per video, the tower attention its compressor scores with (None when it needs none)."""
@@ -527,6 +531,46 @@ def _after_decoder_layer(module, args, kwargs, output):
     if state is not None:
         state.after_layer(module, module.self_attn.layer_idx, LayerInputs.of_call(args, kwargs), cache)
     return None
+
+
+def _add_deepstack(module, args, kwargs, output):
+    """After one of Qwen3-VL's first decoder layers: its deepstack features, where the generation's decode-time stage
+    says the hidden states hold them (in the prefill; a decoding step finds nothing to add)."""
+    cache = cache_argument(kwargs)
+    sequence = getattr(cache, "sequence", None)
+    deepstack = getattr(sequence, "deepstack", None)
+    layer_idx = module.self_attn.layer_idx
+    if deepstack is None or layer_idx >= len(deepstack.embeds):
+        return None
+    output = cache.compression.add_to_output(layer_idx, output, deepstack.features(layer_idx, output))
+    if layer_idx == len(deepstack.embeds) - 1:
+        sequence.deepstack = None  # the last one: nothing is kept for the decoding steps
+    return output
+
+
+class _Deepstack:
+    """Qwen3-VL's deepstack features of one prefill: ``visual_pos_masks`` (B, S) and, per layer, the features of the
+    visual positions in order (V, D), as the text model receives them after the compaction before the LM.
+
+    Added by the layer hooks instead of the text model while a decode-time stage runs (the text model would index
+    hidden states that the stage shortened with the whole prompt's mask). The rule is the masked full-sequence
+    reference's: the stock model, the removed tokens hidden from the later layers, adds layer l's features to every
+    visual position after layer l. So every token still in the sequence gets its own feature; a token that others
+    merged into (FrameFusion, HoliTom: values averaged into a kept token) is a kept token and gets the kept token's
+    own; a merge before layer l + 1 (HoliTom's, before layer K) averages states that already hold layer l's features
+    and one inside layer l (FrameFusion's, after its attention) states that do not yet, both as on the full sequence;
+    the removed tokens' features would only reach hidden tokens, which nothing reads (the state maps the features to
+    its slots: :meth:`llava.compression.decoding.DecodeState.add_to_output`)."""
+
+    def __init__(self, mask: torch.Tensor, embeds: list[torch.Tensor]):
+        self.mask, self.embeds = mask, list(embeds)
+
+    def features(self, layer_idx: int, like: torch.Tensor) -> torch.Tensor:
+        """(B, S, D): layer ``layer_idx``'s feature at each visual position, zero elsewhere."""
+        mask = self.mask.to(like.device)
+        features = like.new_zeros(*mask.shape, like.shape[-1])
+        features[mask] = self.embeds[layer_idx].to(like.device, like.dtype)
+        return features
 
 
 # ---- model geometry -------------------------------------------------------------------------------------------------

@@ -27,12 +27,13 @@ temporal_segment_ratio 0.25, cluster_ratio 0.5, selected_layer 10, alpha 0.4.
    and ``elastic_cache.py``, with the attention of ``LlamaAttention.forward``): in the prefill, layer
    ``selected_layer``'s attention probabilities of the text after the video over the video tokens are taken
    WITHOUT rotary embeddings and WITHOUT the causal mask (``attn_weights_wo_pos``: softmax over every prompt key),
-   reduced by the maximum over heads, then over the text queries; the top ``int(n * alpha)`` video tokens are kept.
+   reduced by the maximum over heads, then over the text queries; each group of the first stage (a segment's
+   static tokens, each frame's dynamic ones: ``TokenSelection.groups``, carried to the decode state as
+   ``GenerationInputs.video_groups``) keeps its top ``int(size * alpha)`` tokens (``process_attention``).
    Layers after ``selected_layer`` run on the kept tokens only, at their original positions, and the KV cache of
    EVERY layer (``selected_layer`` and the ones before it included) holds only the kept tokens for decoding.
-   This is FastV's mechanics with K = selected_layer + 1 (:class:`llava.compression.fastv.FastVState`), plus a
-   decoding mask that hides the dropped tokens from layers <= selected_layer too (their cache keeps the entries:
-   same output, not the public code's memory saving there).
+   This is FastV's mechanics with K = selected_layer + 1 (:class:`llava.compression.fastv.FastVState`), plus the
+   cut of the cache of layers <= selected_layer to the same kept tokens once their prefill ran.
 
 Departures from the public code, and why:
 
@@ -42,18 +43,16 @@ Departures from the public code, and why:
   fails): k is capped at F and at least one segment is made; likewise a group keeps at least one cluster. A
   one-frame segment (only a one-frame video can make one) has no frame pairs (the public code divides by zero
   there): all its tokens are dynamic;
-- the in-LLM quota: the public code keeps ``int(size * alpha)`` tokens of each group (a segment's static tokens,
-  each frame's dynamic tokens) from the first stage's sizes. The decode-time stage here sees only which prompt
-  positions are video tokens (no channel carries the groups from the video stage), so it keeps the top
-  ``int(n * alpha)`` of a row's n video tokens as ONE group; in the prefill the queries are a row's tokens after
-  its last video token (the LLaVA-OneVision newline included), padding is left out of the softmax, and the
-  probabilities stay in float32 (the public code rounds them to the model dtype);
+- the in-LLM stage: in the prefill the queries are a row's tokens after its last video token (the LLaVA-OneVision
+  newline included), padding is left out of the softmax, and the probabilities stay in float32 (the public code
+  rounds them to the model dtype); several videos in a row each bring their own groups;
 - batches: every row has its own selection (the public code handles batch 1).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -65,14 +64,11 @@ from llava.compression.base import (
     check_video_features,
 )
 from llava.compression.decoding import (
-    DECODE,
     PREFILL,
     GenerationInputs,
     LayerInputs,
-    mark_static,
 )
-from llava.compression.fastv import CompactLayout, FastV, FastVState
-from llava.compression.masks import KeyMask
+from llava.compression.fastv import CompactLayout, FastV, FastVState, prunable_positions
 from llava.compression.registry import Argument, Stages, register
 from llava.compression.settings import check_setting
 
@@ -187,21 +183,23 @@ class PruneVid(VideoTokenCompressor):
 
     def select(self, features: torch.Tensor) -> TokenSelection:
         num_frames, tokens_per_frame, _ = check_video_features(features)
-        index, values, per_frame, start = [], [], [0] * num_frames, 0
+        index, values, groups, per_frame, start = [], [], [], [0] * num_frames, 0
         for length in prunevid_segments(features, self.temporal_segment_ratio):
             frames = features[start:start + length]
             static = self.static_positions(frames)
-            groups = [(start, static, frames[:, static].mean(dim=0))]  # (frame, positions, features)
-            groups += [(start + f, ~static, frames[f, ~static]) for f in range(length)]
-            for frame, positions, group in groups:
-                spots, merged = self.merge(group, positions.nonzero().flatten())
+            parts = [(start, static, frames[:, static].mean(dim=0))]  # (frame, positions, features)
+            parts += [(start + f, ~static, frames[f, ~static]) for f in range(length)]
+            for frame, positions, part in parts:
+                spots, merged = self.merge(part, positions.nonzero().flatten())
                 index.append(frame * tokens_per_frame + spots)
                 values.append(merged)
+                # each part is a quota group of the in-LLM stage (an empty one, e.g. no static token, counts none)
+                groups.append(torch.full_like(spots, len(groups)))
                 per_frame[frame] += spots.numel()
             start += length
         device = features.device
         return TokenSelection(index=torch.cat(index), per_frame=torch.tensor(per_frame, device=device),
-                              values=torch.cat(values))
+                              values=torch.cat(values), groups=torch.cat(groups))
 
     def static_positions(self, frames: torch.Tensor) -> torch.Tensor:
         """(N,) bool: the spatial positions whose tokens barely change over the segment's (W, N, D) frames."""
@@ -250,11 +248,18 @@ class PruneVidLLM(FastV):
         return {"selected_layer": self.selected_layer, "alpha": self.alpha, "image_tokens": [],
                 "kept_image_tokens": [], "pruned": False, "decode_steps": 0}
 
-    @staticmethod
-    def keep_rounding(share: float) -> int:
-        """int(n * alpha), as the public code, from FastV's n * (1 - ratio) = n * (1 - (1 - alpha)): the epsilon
-        absorbs the rounding of 1 - (1 - alpha)."""
-        return math.floor(share + 1e-9)
+    def compact_layout(self, inputs: GenerationInputs) -> GroupedLayout:
+        """Each quota group (``GenerationInputs.video_groups``; a row's video tokens are one group without them)
+        keeps ``int(size * alpha)`` of its tokens, as the public ``process_attention``."""
+        prunable = prunable_positions(inputs.prunable)
+        groups = inputs.video_groups if inputs.video_groups is not None else torch.zeros_like(prunable, dtype=torch.long)
+        groups = groups.masked_fill(~prunable, -1)
+        count = max(1, int(groups.max()) + 1)  # host reads of the group sizes: once per generation
+        sizes = torch.zeros(groups.shape[0], count, dtype=torch.long, device=groups.device)
+        sizes = sizes.scatter_add_(1, groups.clamp(min=0), prunable.long()).tolist()
+        quota = [[int(size * self.alpha) for size in row] for row in sizes]
+        return GroupedLayout.from_counts(prunable, [sum(row) for row in sizes], [sum(row) for row in quota],
+                                         groups=groups, group_quota=torch.tensor(quota, device=groups.device))
 
     @property
     def layer_setting(self) -> int:
@@ -268,39 +273,59 @@ class PruneVidLLM(FastV):
         return PruneVidState
 
 
-class PruneVidState(FastVState):
-    """PruneVid's in-LLM stage for one generation: FastV's compact layers >= K with PruneVid's ranking, and a
-    decoding mask hiding the dropped tokens from the layers < K."""
+@dataclass
+class GroupedLayout(CompactLayout):
+    """FastV's compact layout when each quota group of a row keeps its own share."""
 
-    def __init__(self, method: PruneVidLLM, inputs: GenerationInputs, layout: CompactLayout):
-        super().__init__(method, inputs, layout)
-        self.early_mask: KeyMask | None = None  # decoding mask of layers < K (their cache holds every token)
+    groups: torch.Tensor  # (B, S) int64: the group of each prunable position, -1 elsewhere
+    group_quota: torch.Tensor  # (B, G) int64: how many tokens each group keeps
+
+
+class PruneVidState(FastVState):
+    """PruneVid's in-LLM stage for one generation: FastV's compact layers >= K with PruneVid's ranking and per-group
+    quotas; after the ranking layer's prefill the cache of the layers < K is cut to the same compact slots (the
+    public ``prompt_prefill``), so every layer decodes over the kept tokens only."""
 
     def choose_kept(self, decoder_layer, inputs: LayerInputs, cache) -> torch.Tensor:
         scores = question_attention(decoder_layer, inputs.hidden_states, self.inputs.attention_mask,
                                     self.inputs.prunable)
         return self.top_video(scores)
 
+    def top_video(self, scores: torch.Tensor) -> torch.Tensor:
+        """(B, S) bool: the top ``group_quota[r, g]`` positions of every group g of row r by ``scores`` (B, S)."""
+        groups, quota = self.layout.groups, self.layout.group_quota
+        by_score = scores.masked_fill(groups < 0, float("-inf")).argsort(dim=1, descending=True, stable=True)
+        order = by_score.gather(1, groups.gather(1, by_score).argsort(dim=1, stable=True))  # by group, then score
+        grouped = groups.gather(1, order)
+        positions = torch.arange(grouped.shape[1], device=grouped.device).expand_as(grouped)
+        starts = torch.ones_like(grouped, dtype=torch.bool)
+        starts[:, 1:] = grouped[:, 1:] != grouped[:, :-1]
+        rank = positions - torch.where(starts, positions, 0).cummax(dim=1).values  # rank inside the group
+        keep = (grouped >= 0) & (rank < quota.gather(1, grouped.clamp(min=0)))
+        return torch.zeros_like(keep).scatter_(1, order, keep)
+
+    def holds_compact_cache(self, layer_idx: int) -> bool:
+        return True
+
     def observe(self, decoder_layer, layer_idx: int, inputs: LayerInputs, cache) -> None:
         super().observe(decoder_layer, layer_idx, inputs, cache)
         if self.phase == PREFILL and layer_idx == self.ranking_layer:
-            valid = self.inputs.attention_mask & (~self.layout.prunable | self.kept_video)
-            self.early_mask = KeyMask(valid, self.inputs.decoded_capacity, self.kind, self.inputs.dtype)
-            mark_static(self.early_mask.values)
+            self._cut_early_caches(cache)
 
-    def begin_step(self, cache) -> None:
-        super().begin_step(cache)
-        decoded = cache.layers[0].get_mask_sizes(1)[0] - self.prefill_length
-        if self.prefill_length + decoded > self.early_mask.capacity:  # a dynamic cache longer than planned
-            self.early_mask.grow(decoded + 256)
-        self.early_mask.mark_decoded(self.slot)
-
-    def layer_inputs(self, layer_idx: int, inputs: LayerInputs, cache) -> LayerInputs:
-        if self.phase == DECODE and layer_idx < self.first_pruned:
-            key_length = cache.layers[layer_idx].get_mask_sizes(1)[0]
-            mask = self.early_mask.view(key_length, all_marked=not self.inputs.static_cache)
-            return inputs._replace(attention_mask=mask)
-        return super().layer_inputs(layer_idx, inputs, cache)
+    def _cut_early_caches(self, cache) -> None:
+        """The cache of layers < K (all of them ran their prefill) keeps the compact slots only: gathered at the
+        slots' prefill positions into the first W places; a static cache's later places are overwritten by decoding."""
+        width, static = self.layout.width, self.inputs.static_cache
+        for layer in cache.layers[: self.first_pruned]:
+            for name in ("keys", "values"):
+                full = getattr(layer, name)
+                kept = full.gather(2, self.index[:, None, :, None].expand(-1, full.shape[1], -1, full.shape[-1]))
+                if static:  # in place: a static cache keeps its tensors' addresses
+                    full[:, :, :width].copy_(kept)
+                else:
+                    setattr(layer, name, kept)
+            if static:
+                layer.cumulative_length.sub_(self.prefill_length - width)
 
     def summary(self) -> dict:
         summary = super().summary()

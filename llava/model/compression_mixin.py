@@ -187,6 +187,7 @@ class CompressionMixin:
             record=self.__dict__.get("_trace") is not None,
             tokens_per_frame=mm.videos[0].pooled.shape[1] if mm.videos and all(
                 video.selection is None for video in mm.videos) else None,
+            video_groups=mm.video_groups,
         )
         state = decoder.new_state(inputs)
         if state is None:

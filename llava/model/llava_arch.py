@@ -26,6 +26,7 @@ from llava.compression.base import TokenSelection
 from llava.compression.layout import (
     assemble_video_tokens,
     assemble_video_tokens_in_place,
+    video_token_layout,
 )
 from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from llava.mm_utils import get_anyres_image_grid_shape
@@ -94,6 +95,9 @@ class MultimodalInputs:
     position_ids: torch.Tensor  # (B, S): consecutive per row, or the uncompressed positions (keep_positions)
     labels: torch.Tensor  # (B, S)
     video_token_mask: torch.Tensor  # (B, S) bool: True at video feature tokens (not newlines)
+    # (B, S) int64: the quota group of each video token (TokenSelection.groups; a video without groups is one),
+    # numbered per row across its videos; -1 elsewhere
+    video_groups: torch.Tensor
     visual_token_count: int  # all visual tokens (image and video, newlines included) over the batch
     videos: list[VideoRecord] = field(default_factory=list)  # what the video compressor did, per video
 
@@ -107,6 +111,14 @@ class VideoRecord:
     # keep_positions: each token's offset in the uncompressed layout and that layout's length (None: consecutive)
     positions: torch.Tensor | None = None
     span: int | None = None
+    # the group of each token of the video's sequence (TokenSelection.groups_at, -1 at newlines); None: one group
+    token_groups: torch.Tensor | None = None
+
+    def groups(self, video_mask: torch.Tensor) -> torch.Tensor:
+        """(M',) int64: the group of each token of the video's sequence (``video_mask`` (M',): its video tokens)."""
+        if self.token_groups is not None:
+            return self.token_groups
+        return torch.where(video_mask, 0, -1)
 
     @property
     def tokens_before(self) -> int:
@@ -221,7 +233,13 @@ class LlavaMetaForCausalLM:
                 pooled, selection, newline, position, (side, side)
             )
         else:
-            tokens, video_mask = assemble_video_tokens(pooled, selection, newline, position, (side, side))
+            tokens, video_mask = assemble_video_tokens(pooled, selection, newline, position, (side, side),
+                                                       grid_newlines=getattr(compressor, "grid_newlines", "frame_end"))
+        if selection is not None and selection.groups is not None:
+            source = video_token_layout(*pooled.shape[:2], selection, position, (side, side),
+                                        with_newline=newline is not None, keep_positions=self.keep_video_positions(),
+                                        grid_newlines=compressor.grid_newlines)
+            record.token_groups = selection.groups_at(source, pooled.shape[0] * pooled.shape[1])
         return tokens, video_mask, record
 
     def video_compressor(self):
@@ -327,21 +345,23 @@ class LlavaMetaForCausalLM:
         visual = self.encode_visual_items(images, modalities, image_sizes) if num_items else []
 
         embed = self.get_model().embed_tokens
-        rows, row_labels, row_video, row_positions = [], [], [], []
+        rows, row_labels, row_video, row_positions, row_groups = [], [], [], [], []
         item = 0
         for ids, mask, row_label in zip(input_ids, attention_mask, labels):
             ids, row_label = ids[mask], row_label[mask]
             cuts = torch.nonzero(ids == IMAGE_TOKEN_INDEX).flatten().tolist()
             bounds = [-1] + cuts + [ids.shape[0]]
             text = embed(ids.masked_fill(ids == IMAGE_TOKEN_INDEX, 0))
-            pieces, piece_labels, piece_video, piece_positions = [], [], [], []
+            pieces, piece_labels, piece_video, piece_positions, piece_groups = [], [], [], [], []
             offset = 0  # the position of the next token (the uncompressed count so far with keep_positions)
+            groups = 0  # the groups of the row's videos so far
             for i in range(len(bounds) - 1):
                 start, stop = bounds[i] + 1, bounds[i + 1]
                 pieces.append(text[start:stop])
                 piece_labels.append(row_label[start:stop])
                 piece_video.append(torch.zeros(stop - start, dtype=torch.bool, device=device))
                 piece_positions.append(torch.arange(offset, offset + stop - start, device=device))
+                piece_groups.append(torch.full((stop - start,), -1, dtype=torch.long, device=device))
                 offset += stop - start
                 if i < len(cuts):
                     tokens, video_mask, record = visual[item]
@@ -349,6 +369,10 @@ class LlavaMetaForCausalLM:
                     pieces.append(tokens.to(device=device, dtype=text.dtype))
                     piece_labels.append(torch.full((tokens.shape[0],), IGNORE_INDEX, dtype=row_label.dtype, device=device))
                     piece_video.append(video_mask.to(device))
+                    video_groups = (record.groups(video_mask) if record is not None
+                                    else torch.full_like(video_mask, -1, dtype=torch.long)).to(device)
+                    piece_groups.append(torch.where(video_groups >= 0, video_groups + groups, -1))
+                    groups += int(video_groups.max()) + 1 if video_groups.numel() else 0  # once per video
                     if record is not None and record.positions is not None:  # keep_positions: uncompressed places
                         piece_positions.append(record.positions.to(device) + offset)
                         offset += record.span
@@ -359,6 +383,7 @@ class LlavaMetaForCausalLM:
             row_labels.append(torch.cat(piece_labels))
             row_video.append(torch.cat(piece_video))
             row_positions.append(torch.cat(piece_positions))
+            row_groups.append(torch.cat(piece_groups))
 
         limit = getattr(self.config, "tokenizer_model_max_length", None)
         if limit is not None and max(r.shape[0] for r in rows) > limit:
@@ -366,10 +391,11 @@ class LlavaMetaForCausalLM:
                 "A multimodal prompt has %d tokens, more than tokenizer_model_max_length=%d: it is truncated as "
                 "LLaVA-NeXT does. Use fewer frames or a smaller image.", max(r.shape[0] for r in rows), limit
             )
-            rows, row_labels, row_video, row_positions = (
-                [x[:limit] for x in seq] for seq in (rows, row_labels, row_video, row_positions)
+            rows, row_labels, row_video, row_positions, row_groups = (
+                [x[:limit] for x in seq] for seq in (rows, row_labels, row_video, row_positions, row_groups)
             )
-        mm = _pad_rows(rows, row_labels, row_video, row_positions, padding_side, sum(item[0].shape[0] for item in visual))
+        mm = _pad_rows(rows, row_labels, row_video, row_positions, row_groups, padding_side,
+                       sum(item[0].shape[0] for item in visual))
         mm.videos = [record for _, _, record in visual if record is not None]
         self._multimodal_inputs_built(mm)
         return mm
@@ -454,7 +480,8 @@ def _check_pixels(items: list[torch.Tensor], modalities: list[str], image_size: 
         raise ValueError(f"{kinds[index]} {index} has NaN or infinite pixel values. {fixes[kinds[index]]}")
 
 
-def _pad_rows(rows, row_labels, row_video, row_positions, padding_side: str, visual_count: int) -> MultimodalInputs:
+def _pad_rows(rows, row_labels, row_video, row_positions, row_groups, padding_side: str,
+              visual_count: int) -> MultimodalInputs:
     batch, longest = len(rows), max(r.shape[0] for r in rows)
     first = rows[0]
     embeds = first.new_zeros((batch, longest, first.shape[-1]))
@@ -462,9 +489,11 @@ def _pad_rows(rows, row_labels, row_video, row_positions, padding_side: str, vis
     positions = torch.zeros((batch, longest), dtype=torch.long, device=first.device)
     labels = torch.full((batch, longest), IGNORE_INDEX, dtype=row_labels[0].dtype, device=first.device)
     video = torch.zeros((batch, longest), dtype=torch.bool, device=first.device)
-    for i, (row, label, vid, position) in enumerate(zip(rows, row_labels, row_video, row_positions)):
+    groups = torch.full((batch, longest), -1, dtype=torch.long, device=first.device)
+    for i, (row, label, vid, position, group) in enumerate(zip(rows, row_labels, row_video, row_positions, row_groups)):
         n = row.shape[0]
         span = slice(longest - n, longest) if padding_side == "left" else slice(0, n)
         embeds[i, span], labels[i, span], video[i, span], positions[i, span] = row, label, vid, position
+        groups[i, span] = group
         attention[i, span] = True
-    return MultimodalInputs(embeds, attention, positions, labels, video, visual_count)
+    return MultimodalInputs(embeds, attention, positions, labels, video, groups, visual_count)
