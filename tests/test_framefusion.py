@@ -448,46 +448,6 @@ def test_on_transformers_models_a_padded_batch_equals_its_rows(family):
     assert all(not layer._forward_pre_hooks and not layer._forward_hooks for layer in layers)
 
 
-def test_on_qwen2_vl_it_matches_the_full_sequence_reference():
-    """The multimodal (M-RoPE) positions of the kept tokens are their original ones."""
-    model, reference = nm.qwen2_vl(), nm.qwen2_vl("eager")
-    inputs = nm.video_inputs("qwen2_vl", model, ((5, 6, 7),))
-    positions = (inputs["input_ids"][0] == nm.VIDEO).nonzero().flatten().tolist()
-    tokens_per_frame = (16 // nm.PATCH) ** 2 // nm.MERGE**2
-    rule = HiddenFrameFusion(reference, positions, tokens_per_frame, *SETTINGS["merge-then-prune"])
-    try:
-        ref_tokens, ref_logits = nm.greedy(reference, inputs, 4)
-    finally:
-        rule.remove()
-    cost, bound, lower = SETTINGS["merge-then-prune"]
-    with compressed(model, compressor="framefusion", framefusion_cost=cost, framefusion_similarity_lower_bound=bound,
-                    framefusion_ratio_lower_bound=lower) as handle:
-        tokens, logits = nm.greedy(model, inputs, 4)
-        stats = handle.last_stats["framefusion"]
-    assert torch.equal(tokens, ref_tokens)
-    torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
-    assert stats["video_tokens_per_layer"] == [rule.per_layer] and rule.per_layer[-1] < len(positions)
-
-
-def test_on_qwen3_vl_with_deepstack_it_matches_the_full_sequence_reference():
-    """Qwen3-VL adds visual features to the video tokens after its first layer (deepstack), which the reference (its
-    stock text model, on the full sequence) adds to every video position: the tokens FrameFusion leaves get their own,
-    merged ones included. More (several deepstack layers, caches, batches): tests/test_qwen3_vl_deepstack.py."""
-    model, reference = nm.qwen3_vl(), nm.qwen3_vl("eager")
-    inputs = nm.video_inputs("qwen3_vl", model, ((5, 6, 7),), seed=3)
-    positions = (inputs["input_ids"][0] == nm.VIDEO).nonzero().flatten().tolist()
-    tokens_per_frame = (16 // nm.PATCH) ** 2 // nm.MERGE**2
-    settings = (0.6, 0.2, 0.02)  # merging steps before layer 0 and after each layer's attention, on this model
-    rule = HiddenFrameFusion(reference, positions, tokens_per_frame, *settings)
-    try:
-        ref_tokens, ref_logits = nm.greedy(reference, inputs, 4)
-    finally:
-        rule.remove()
-    cost, bound, lower = settings
-    with compressed(model, compressor="framefusion", framefusion_cost=cost, framefusion_similarity_lower_bound=bound,
-                    framefusion_ratio_lower_bound=lower) as handle:
-        tokens, logits = nm.greedy(model, inputs, 4)
-        stats = handle.last_stats["framefusion"]
-    assert torch.equal(tokens, ref_tokens)
-    torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
-    assert stats["video_tokens_per_layer"] == [rule.per_layer] and 1 in rule.merge_layers  # a merge after layer 0
+# The masked full-sequence reference on each transformers model class (with the dynamic and static caches and compiled
+# decoding): tests/test_native_in_llm_references.py; with several deepstack layers on Qwen3-VL:
+# tests/test_qwen3_vl_deepstack.py.

@@ -16,8 +16,8 @@ Rules (each reference class cites its public code):
   ``holitom/modeling_qwen2.py``): ``MergedHoliTom``;
 - PruneVid: ``VTPWindowCache.process_attention`` / ``obtain_language_attention`` / ``prompt_prefill``
   (Visual-AI/PruneVid at b12600c6176c606ee4b6b7d9e26f4aa46d0dfd42, ``models/pllava/elastic_cache.py``) with
-  ``LlamaAttention.forward``'s ``attn_weights_wo_pos`` (``models/pllava/llama.py``): ``GroupedHiddenPruneVid`` below,
-  whose quota groups (a segment's static tokens; each frame's dynamic tokens) come from ``merge_frames_dynamic``
+  ``LlamaAttention.forward``'s ``attn_weights_wo_pos`` (``models/pllava/llama.py``): ``HiddenPruneVid``
+  (tests/test_prunevid.py), whose quota groups (a segment's static tokens; each frame's dynamic tokens) come from ``merge_frames_dynamic``
   (``models/pllava/modeling_pllava.py``, its loop transcription in tests/test_prunevid.py) on the video features
   the model computed;
 - FrameFusion: ``FrameFusion.forward`` and the steps it calls (thu-nics/FrameFusion at
@@ -107,43 +107,6 @@ def quota_groups(sizes: list[tuple[int, int, int]]) -> list[int]:
     return groups
 
 
-class GroupedHiddenPruneVid(HiddenPruneVid):
-    """``HiddenPruneVid`` (tests/test_prunevid.py) with the public per-group quotas: ``process_attention`` keeps the
-    top ``int(size * alpha)`` of each group (``groups``: the group of each of ``positions``). The scores are
-    ``obtain_language_attention``'s: queries after the last video token, max over heads then over the queries, read
-    at the video positions (Qwen3-VL has text between its frames' spans); the un-rotated queries and keys include
-    Qwen3's per-head q/k norms, which its attention applies before the rotary embedding."""
-
-    def __init__(self, model, positions, groups, selected_layer, alpha):
-        super().__init__(model, positions, selected_layer, alpha)
-        self.groups, self.alpha = groups, alpha
-
-    def rank(self, module, args, kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        if hidden.shape[1] == 1:
-            return
-        attention = module.self_attn
-        normed = module.input_layernorm(hidden)
-        q, k = (_unrotated(attention, which, normed) for which in ("q", "k"))
-        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # repeat_kv
-        weights = torch.softmax(q @ k.transpose(2, 3) / math.sqrt(attention.head_dim), dim=-1, dtype=torch.float32)
-        text_to_video = weights[0, :, int(self.positions[-1]) + 1:, self.positions]
-        scores = text_to_video.max(dim=0).values.max(dim=0).values
-        kept = []
-        for group in self.groups.unique().tolist():
-            members = (self.groups == group).nonzero().flatten()
-            top = scores[members].topk(int(len(members) * self.alpha)).indices
-            kept += self.positions[members[top]].tolist()
-        self.kept = sorted(kept)
-        self.dropped = self.positions[~torch.isin(self.positions, torch.tensor(kept, dtype=torch.long))]
-
-
-def _unrotated(attention, which: str, normed: torch.Tensor) -> torch.Tensor:
-    states = getattr(attention, f"{which}_proj")(normed).view(*normed.shape[:2], -1, attention.head_dim)
-    norm = getattr(attention, f"{which}_norm", None)  # Qwen3-VL
-    return (states if norm is None else norm(states)).transpose(1, 2)
-
-
 def video_columns(family: str, inputs: dict) -> torch.Tensor:
     """Prompt columns of the video's frame tokens, frame after frame (LLaVA-OneVision's trailing newline left out)."""
     columns = (inputs["input_ids"][0] == nm.VIDEO).nonzero().flatten()
@@ -208,7 +171,7 @@ def hooked(method: str, family: str, reference, inputs, first_stage: dict, featu
     if method == "holitom":
         return MergedHoliTom(reference, positions, LAYER, HOLITOM_LLM_R)
     groups = prunevid_groups(features, family, inputs, first_stage, positions)
-    return GroupedHiddenPruneVid(reference, positions, groups, LAYER - 1, PRUNEVID_ALPHA)
+    return HiddenPruneVid(reference, positions, LAYER - 1, PRUNEVID_ALPHA, groups=groups)
 
 
 @pytest.fixture(scope="module")

@@ -284,8 +284,7 @@ def test_first_stage_equals_the_public_code(frames, tokens, tau, segment_ratio, 
     assert_selection_is(selection, expected, tokens, frames)
     assert len(expected) < frames * tokens  # it merged something
     # the quota groups of the second stage: each segment's static tokens, then each of its frames' dynamic ones
-    groups = [size for static, dynamic, window in sizes for size in [static] + [dynamic] * window]
-    assert selection.groups.tolist() == [g for g, size in enumerate(groups) for _ in range(size)]
+    assert selection.groups.tolist() == groups_of_sizes(sizes)
 
 
 # ---- the second stage: the public rule with hooks on an eager model -------------------------------------------------
@@ -299,20 +298,20 @@ VARIANTS = cache_variants()
 class HiddenPruneVid:
     """PruneVid's in-LLM rule on an eager model (batch 1), with hooks. At the prefill, layer ``selected_layer``'s
     input gives the un-rotated queries and keys (``attn_weights_wo_pos``: no RoPE, no mask, softmax over every
-    key); the maximum over heads, then over the text after the video, ranks the video span. As the public
-    ``process_attention`` (elastic_cache.py, Visual-AI/PruneVid b12600c), each segment of ``sizes`` (static_size,
-    dynamic tokens per frame, window_size; the video span is [static, frame 1's dynamic, ...] segment after
-    segment) keeps its top int(static_size * alpha) static tokens and each of its frames its top
-    int(per_frame * alpha) dynamic ones (``sizes`` None: the span is one group of int(n * alpha)). The others are
-    hidden by the additive mask from the later layers (prefill and decoding) and, while decoding, from layers <=
-    selected_layer too (``prompt_prefill`` cuts the cache of those layers). ``early=False`` leaves those layers
-    alone (to show that the check sees the difference)."""
+    key; Qwen3's per-head q/k norms applied, as its attention does before the rotary embedding); the maximum over
+    heads, then over the text after the video (``obtain_language_attention``), scores the video ``positions`` (read
+    at them: Qwen3-VL has text between its frames' spans). As the public ``process_attention`` (elastic_cache.py,
+    Visual-AI/PruneVid b12600c), each quota group keeps its top int(size * alpha) tokens (``groups``: the group of
+    each of ``positions``, e.g. ``groups_of_sizes``; None: one group). The others are hidden by the additive mask
+    from the later layers (prefill and decoding) and, while decoding, from layers <= selected_layer too
+    (``prompt_prefill`` cuts the cache of those layers). ``early=False`` leaves those layers alone (to show that the
+    check sees the difference)."""
 
-    def __init__(self, model, positions, selected_layer, alpha, early=True, sizes=None):
+    def __init__(self, model, positions, selected_layer, alpha, early=True, groups=None):
         self.positions, self.layer, self.early, self.alpha = positions, selected_layer, early, alpha
-        self.sizes = [(len(positions), 0, 1)] if sizes is None else sizes
-        assert sum(static + dynamic * window for static, dynamic, window in self.sizes) == len(positions)
-        self.dropped = None
+        self.groups = torch.zeros(len(positions), dtype=torch.long) if groups is None else torch.as_tensor(groups)
+        assert len(self.groups) == len(positions)
+        self.dropped = self.kept = None
         layers = decoder_layers(model)
         self.handles = [layers[selected_layer].register_forward_pre_hook(self.rank, with_kwargs=True)]
         self.handles += [layer.self_attn.register_forward_pre_hook(self.hide, with_kwargs=True) for layer in layers]
@@ -323,24 +322,17 @@ class HiddenPruneVid:
             return
         attention = module.self_attn
         normed = module.input_layernorm(hidden)
-        config, head_dim = attention.config, attention.head_dim
-        heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
-        q = attention.q_proj(normed).view(1, -1, heads, head_dim).transpose(1, 2)
-        k = attention.k_proj(normed).view(1, -1, kv_heads, head_dim).transpose(1, 2)
-        k = k.repeat_interleave(heads // kv_heads, dim=1)  # repeat_kv
-        weights = torch.softmax(q @ k.transpose(2, 3) / math.sqrt(head_dim), dim=-1, dtype=torch.float32)
-        img_start, img_end = int(self.positions[0]), int(self.positions[-1])
-        text_to_image = weights[0, :, img_end + 1:, img_start:img_end + 1]
-        scores = text_to_image.max(dim=0).values.max(dim=0).values
-        kept, start = [], 0
-        for static, dynamic, window in self.sizes:
-            kept.append(scores[start:start + static].topk(int(static * self.alpha)).indices + start)
-            start += static
-            for _ in range(window):
-                kept.append(scores[start:start + dynamic].topk(int(dynamic * self.alpha)).indices + start)
-                start += dynamic
-        kept = torch.cat(kept) + img_start
-        self.dropped = self.positions[~torch.isin(self.positions, kept)]
+        q, k = (_unrotated(attention, which, normed) for which in ("q", "k"))
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # repeat_kv
+        weights = torch.softmax(q @ k.transpose(2, 3) / math.sqrt(attention.head_dim), dim=-1, dtype=torch.float32)
+        text_to_video = weights[0, :, int(self.positions[-1]) + 1:, self.positions]
+        scores = text_to_video.max(dim=0).values.max(dim=0).values
+        kept = []
+        for group in self.groups.unique().tolist():
+            members = (self.groups == group).nonzero().flatten()
+            kept += self.positions[members[scores[members].topk(int(len(members) * self.alpha)).indices]].tolist()
+        self.kept = sorted(kept)
+        self.dropped = self.positions[~torch.isin(self.positions, torch.tensor(kept, dtype=torch.long))]
 
     def hide(self, module, args, kwargs):
         decoding = kwargs["hidden_states"].shape[1] == 1
@@ -353,6 +345,20 @@ class HiddenPruneVid:
     def remove(self):
         for handle in self.handles:
             handle.remove()
+
+
+def _unrotated(attention, which: str, normed: torch.Tensor) -> torch.Tensor:
+    """A layer's queries or keys before the rotary embedding (1, heads, L, head_dim)."""
+    states = getattr(attention, f"{which}_proj")(normed).view(*normed.shape[:2], -1, attention.head_dim)
+    norm = getattr(attention, f"{which}_norm", None)  # Qwen3's per-head norm
+    return (states if norm is None else norm(states)).transpose(1, 2)
+
+
+def groups_of_sizes(sizes) -> list[int]:
+    """The group of each video token from ``public_merge_frames_dynamic``'s sizes (the video span is [static,
+    frame 1's dynamic, ...] segment after segment): a segment's static tokens, then each of its frames' dynamic ones."""
+    lengths = [size for static, dynamic, window in sizes for size in [static] + [dynamic] * window]
+    return [group for group, length in enumerate(lengths) for _ in range(length)]
 
 
 @pytest.fixture(scope="module")
@@ -377,7 +383,7 @@ def public_group_sizes(model, ids, video) -> list[tuple[int, int, int]]:
 
 def reference_run(reference, tokenizer, ids, video, early=True, layer=LAYER, **kwargs):
     rule = HiddenPruneVid(reference, video_positions(reference, ids, video), layer, ALPHA, early=early,
-                          sizes=public_group_sizes(reference, ids, video))
+                          groups=groups_of_sizes(public_group_sizes(reference, ids, video)))
     try:
         tokens, logits = greedy(reference, tokenizer, ids, [video], STEPS, **kwargs)
     finally:
