@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from llava.model import compression_mixin
+from llava.transformers_compat import output_cache
 from tests.conftest import random_video
 from tests.references import (
     HiddenFastV,
@@ -53,6 +54,20 @@ def test_matches_the_hidden_token_reference(models, variant):
     assert stats["kept_image_tokens"] == [round(len(positions) * (1 - RATIO))]
     assert stats["compact_tokens"] == ids.shape[1] - 1 + len(positions) + 1 - len(rule.dropped)  # + the newline
     assert stats["decode_steps"] == STEPS - 1
+
+
+def test_a_static_cache_allocates_layers_from_k_at_the_compact_length(models):
+    """Layers >= K hold the W compact slots from the prefill on: their static buffers are W + the new tokens long,
+    the others the whole prompt + the new tokens (the decoding steps above match the reference with them)."""
+    tokenizer, model, _ = models
+    ids, video = prompt(tokenizer), random_video(FRAMES, model.get_vision_tower().image_size, seed=3)
+    output = model.generate(ids, images=[video], modalities=["video"], do_sample=False, max_new_tokens=STEPS,
+                            min_new_tokens=STEPS, pad_token_id=tokenizer.pad_token_id, return_dict_in_generate=True,
+                            cache_implementation="static")
+    stats = model.last_compression_stats["fastv"]
+    assert stats["compact_tokens"] < stats["prefill_tokens"]
+    lengths = [layer.keys.shape[-2] for layer in output_cache(output).layers]
+    assert lengths == [stats["prefill_tokens"] + STEPS] * LAYER + [stats["compact_tokens"] + STEPS] * (len(lengths) - LAYER)
 
 
 def test_another_layer_k_matches_its_reference(models):

@@ -118,6 +118,11 @@ class DecodeState:
         if layer_idx == self.last_layer and self.phase == PREFILL:
             self.phase = DECODE
 
+    def static_cache_lengths(self, max_cache_len: int) -> list[int] | None:
+        """Per layer, the length a static cache of ``max_cache_len`` tokens allocates for this generation (a state
+        whose layers hold fewer tokens from the prefill on asks for less); None: ``max_cache_len`` for every layer."""
+        return None
+
     def uncached_prompt_tokens(self, layer_idx: int) -> int:
         """Prompt tokens layer ``layer_idx``'s cache no longer holds (a method that cut it after the prefill): the
         cache still counts them as seen (:meth:`_CompressionCache.get_seq_length`), as the model's positions do."""
@@ -183,6 +188,10 @@ class _CompressionCache:
 
     compression: DecodeState | None  # None: no decode-time compression in this generation
 
+    def attach(self, compression: DecodeState | None) -> None:
+        """Give the cache its generation's state, before the prefill."""
+        self.compression = compression
+
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         if self.compression is None:
             return super().update(key_states, value_states, layer_idx, *args, **kwargs)
@@ -205,7 +214,7 @@ class CompressionDynamicCache(_CompressionCache, DynamicCache):
 
     def __init__(self, config, compression: DecodeState | None):
         super().__init__(config=config)
-        self.compression = compression
+        self.attach(compression)
 
 
 class CompressionStaticCache(_CompressionCache, StaticCache):
@@ -213,7 +222,16 @@ class CompressionStaticCache(_CompressionCache, StaticCache):
 
     def __init__(self, config, max_cache_len: int, compression: DecodeState | None):
         super().__init__(config=config, max_cache_len=max_cache_len)
-        self.compression = compression
+        self.attach(compression)
+
+    def attach(self, compression: DecodeState | None) -> None:
+        """Also sizes each layer as the state asks (its buffers are allocated at the prefill's first update)."""
+        super().attach(compression)
+        lengths = None if compression is None else compression.static_cache_lengths(self.layers[0].max_cache_len)
+        for layer, length in zip(self.layers, lengths or []):
+            if layer.is_initialized:
+                raise RuntimeError("a static cache's compression state must be attached before its prefill")
+            layer.max_cache_len = length
 
 
 def new_token_budget(generation_config, generate_kwargs: dict, prompt_length: int, counts_prompt: bool = False) -> int:

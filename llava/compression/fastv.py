@@ -13,7 +13,8 @@ Rule (as in the public FastV code, ``pkunlp-icler/FastV``, whose KV-cache ``fast
 Generalisations of the public code: each row of a batch has its own kept set (it reads row 0 and a fixed image
 span), left padding works, every attention backend works (the ranking attention is computed for the single last
 query, never by switching the model to eager attention), the last prompt token is never dropped (generate reads
-its logits), and a static cache with compiled decoding works (layers >= K simply hold fewer tokens).
+its logits), and a static cache with compiled decoding works (layers >= K simply hold fewer tokens: their static
+buffers are allocated at the compact length W plus the new tokens, ``static_cache_lengths``).
 
 How it runs (per generation, in the cache's :class:`FastVState`): after layer K-1's stock prefill forward, the last
 query's attention ranks the video tokens and the compact layout is made: per row the kept positions in order,
@@ -191,6 +192,11 @@ class FastVState(DecodeState):
         """Whether layer ``layer_idx``'s cache holds the compact prompt (W slots) after the prefill: FastV's layers
         >= K. A method that also cuts the other layers' cache says so here."""
         return layer_idx >= self.first_pruned
+
+    def static_cache_lengths(self, max_cache_len: int) -> list[int]:
+        """Layers >= K run the prefill on the W compact slots: their buffers hold W + the decoded tokens."""
+        compact = max_cache_len - (self.prefill_length - self.layout.width)
+        return [compact if layer >= self.first_pruned else max_cache_len for layer in range(self.inputs.num_layers)]
 
     def uncached_prompt_tokens(self, layer_idx: int) -> int:
         if self.index is None or not self.holds_compact_cache(layer_idx):

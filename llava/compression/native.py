@@ -394,14 +394,14 @@ class _Sequence:
             "video_positions": [video[row].nonzero().flatten().tolist() for row in range(self.batch)],
         }
         if owner.decoder is not None:
-            cache.compression = owner.decoder.new_state(GenerationInputs(
+            cache.attach(owner.decoder.new_state(GenerationInputs(
                 prunable=video, attention_mask=valid, decoded_capacity=capacity,
                 static_cache=isinstance(cache, StaticCache), num_layers=_text_config(owner.model).num_hidden_layers,
                 attn_implementation=owner.model.config._attn_implementation, dtype=embeds.dtype,
                 tokens_per_frame=self.videos[0].per_frame if self.videos and owner.video_compressor is None
                 and len({video.per_frame for video in self.videos}) == 1 else None,
                 video_groups=groups,
-            ))
+            )))
         if cache.compression is not None and kwargs.get("deepstack_visual_embeds") is not None:
             # The decode-time stage may shorten the hidden states between layers, and the text model would index
             # them with the whole prompt's visual_pos_masks: the layer hooks add the features instead (_add_deepstack).
