@@ -17,6 +17,7 @@ from llava.compression import compressed
 from llava.compression.decoding import GenerationInputs
 from llava.compression.framefusion import FrameFusion, merge_step, pruning_ratio
 from llava.model import compression_mixin
+from llava.transformers_compat import output_cache
 from tests import native_models as nm
 from tests.conftest import random_video
 from tests.references import (
@@ -301,6 +302,20 @@ def test_matches_the_full_sequence_reference(models, setting, variant):
     assert stats["decode_steps"] == STEPS - 1
     expected = {"merge-then-prune": ([0, 1, 2], 3), "capped": ([0], None), "prune-only": ([0], 1)}[setting]
     assert (rule.merge_layers, rule.prune_layer) == expected  # each setting runs the steps it is named after
+
+
+def test_a_static_cache_allocates_each_layer_at_the_length_it_holds(models):
+    """A layer that runs the prefill on a shorter layout holds that layout's slots and the decoded tokens: its static
+    buffers are that long (the reference checks above run with them)."""
+    tokenizer, model, _ = models
+    ids, video = prompt(tokenizer), random_video(FRAMES, model.get_vision_tower().image_size, seed=3)
+    configure(model, "merge-then-prune")
+    output = model.generate(ids, images=[video], modalities=["video"], do_sample=False, max_new_tokens=STEPS,
+                            min_new_tokens=STEPS, pad_token_id=tokenizer.pad_token_id, return_dict_in_generate=True,
+                            cache_implementation="static")
+    widths = model.last_compression_stats["framefusion"]["layer_widths"]
+    assert len(set(widths)) > 2  # the prompt's own length, then shorter ones
+    assert [layer.keys.shape[-2] for layer in output_cache(output).layers] == [width + STEPS for width in widths]
 
 
 def test_grid_newlines_are_not_video_tokens(tiny_video_checkpoint):

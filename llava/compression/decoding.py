@@ -39,6 +39,7 @@ __all__ = [
     "check_generate_arguments",
     "make_generation_cache",
     "new_token_budget",
+    "size_static_layer",
 ]
 
 PREFILL, DECODE = "prefill", "decode"
@@ -229,9 +230,15 @@ class CompressionStaticCache(_CompressionCache, StaticCache):
         super().attach(compression)
         lengths = None if compression is None else compression.static_cache_lengths(self.layers[0].max_cache_len)
         for layer, length in zip(self.layers, lengths or []):
-            if layer.is_initialized:
-                raise RuntimeError("a static cache's compression state must be attached before its prefill")
-            layer.max_cache_len = length
+            size_static_layer(layer, length)
+
+
+def size_static_layer(layer, length: int) -> None:
+    """Make a static cache layer hold ``length`` tokens (a state whose layer holds fewer tokens than the prompt);
+    before the layer's first update, which allocates its buffers."""
+    if layer.is_initialized:
+        raise RuntimeError("a static cache layer can be sized only before its prefill")
+    layer.max_cache_len = length
 
 
 def new_token_budget(generation_config, generate_kwargs: dict, prompt_length: int, counts_prompt: bool = False) -> int:

@@ -65,6 +65,7 @@ from llava.compression.decoding import (
     GenerationInputs,
     LayerInputs,
     mark_static,
+    size_static_layer,
 )
 from llava.compression.fastv import _gather_positions
 from llava.compression.masks import KeyMask, causal_prefill_mask, mask_kind
@@ -252,6 +253,8 @@ class FrameFusionState(DecodeState):
         self.layouts.append(self.current)
         if self.current is self.original:
             return inputs
+        if self.inputs.static_cache:  # this layer caches the current layout's slots and the decoded tokens
+            size_static_layer(cache.layers[layer_idx], self.current.width + self.inputs.decoded_capacity)
         return LayerInputs(hidden_states, *self._prefill_inputs(layer_idx, inputs, cache))
 
     def observe(self, decoder_layer, layer_idx: int, inputs: LayerInputs, cache) -> None:
