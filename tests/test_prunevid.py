@@ -443,7 +443,8 @@ def test_the_reference_sees_the_early_layers_decoding_mask(models):
 @pytest.mark.parametrize("variant", ["dynamic", "static"])
 def test_every_layer_decodes_over_the_kept_tokens_only(models, variant):
     """The public ``prompt_prefill`` cuts the cache of the layers <= selected_layer too: after generate every layer's
-    cache holds the compact prompt and the decoded tokens, and the cache still counts the whole prompt as seen."""
+    cache holds the compact prompt and the decoded tokens (a static cache's buffers are that long), and the cache
+    still counts the whole prompt as seen."""
     tokenizer, model, _ = models
     ids, video = prompt(tokenizer), random_video(FRAMES, model.get_vision_tower().image_size, seed=3)
     output = model.generate(ids, images=[video], modalities=["video"], do_sample=False, max_new_tokens=STEPS,
@@ -452,10 +453,11 @@ def test_every_layer_decodes_over_the_kept_tokens_only(models, variant):
     stats, cache = model.last_compression_stats["prunevid"], output_cache(output)
     assert stats["pruned"] and stats["compact_tokens"] < stats["prefill_tokens"]
     held = stats["compact_tokens"] + STEPS - 1  # the last token generated is never fed back
+    # a static cache: every layer's buffers are W + the new tokens long (layers < K reallocated after the prefill)
+    allocated = held if variant == "dynamic" else stats["compact_tokens"] + STEPS
     for layer in cache.layers:
         assert int(layer.get_seq_length()) == held
-        if variant == "dynamic":
-            assert layer.keys.shape[-2] == layer.values.shape[-2] == held
+        assert layer.keys.shape[-2] == layer.values.shape[-2] == allocated
     assert int(cache.get_seq_length()) == stats["prefill_tokens"] + STEPS - 1
 
 

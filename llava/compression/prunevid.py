@@ -67,6 +67,7 @@ from llava.compression.decoding import (
     PREFILL,
     GenerationInputs,
     LayerInputs,
+    mark_static,
 )
 from llava.compression.fastv import CompactLayout, FastV, FastVState, prunable_positions
 from llava.compression.registry import Argument, Stages, register
@@ -313,24 +314,31 @@ class PruneVidState(FastVState):
             self._cut_early_caches(cache)
 
     def _cut_early_caches(self, cache) -> None:
-        """The cache of layers < K (all of them ran their prefill) keeps the compact slots only: gathered at the
-        slots' prefill positions into the first W places; a static cache's later places are overwritten by decoding."""
-        width, static = self.layout.width, self.inputs.static_cache
+        """The cache of layers < K (all of them ran their prefill) keeps the compact slots only, gathered at the
+        slots' prefill positions. A static layer gets new buffers of W + the new tokens, the size of the layers >= K
+        (``static_cache_lengths``), before the first decoding step (which a compiled step captures)."""
+        width = self.layout.width
         for layer in cache.layers[: self.first_pruned]:
-            for name in ("keys", "values"):
-                full = getattr(layer, name)
-                kept = full.gather(2, self.index[:, None, :, None].expand(-1, full.shape[1], -1, full.shape[-1]))
-                if static:  # in place: a static cache keeps its tensors' addresses
-                    full[:, :, :width].copy_(kept)
-                else:
-                    setattr(layer, name, kept)
-            if static:
+            kept = [full.gather(2, self.index[:, None, :, None].expand(-1, full.shape[1], -1, full.shape[-1]))
+                    for full in (layer.keys, layer.values)]
+            if self.inputs.static_cache:
+                layer.max_cache_len -= self.prefill_length - width
+                kept = [_static_buffer(tensor, layer.max_cache_len) for tensor in kept]
                 layer.cumulative_length.sub_(self.prefill_length - width)
+            layer.keys, layer.values = kept
 
     def summary(self) -> dict:
         summary = super().summary()
         del summary["ratio"]
         return {**summary, "layer": self.method.selected_layer, "alpha": self.method.alpha}
+
+
+def _static_buffer(kept: torch.Tensor, length: int) -> torch.Tensor:
+    """A static cache buffer of ``length`` slots starting with the ``kept`` (B, H, W, D) entries, at a fixed address."""
+    buffer = kept.new_zeros(*kept.shape[:2], length, kept.shape[-1])
+    buffer[:, :, : kept.shape[2]] = kept
+    mark_static(buffer)
+    return buffer
 
 
 def question_attention(decoder_layer, hidden_states: torch.Tensor, valid: torch.Tensor,
