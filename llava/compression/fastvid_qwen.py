@@ -42,9 +42,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .base import TokenSelection, VideoTokenCompressor, check_video_features
+from .base import TokenSelection, check_video_features
 from .fastvid import (
-    _ARGUMENTS,
+    FastVID,
     _check_grid,
     _check_input,
     _merge,
@@ -85,28 +85,20 @@ def _split_evenly(total: int, parts: int) -> list[int]:
     return [chunk + (1 if i < remainder else 0) for i in range(parts)]
 
 
-class FastVIDQwen(VideoTokenCompressor):
-    """FastVID's Qwen2.5-VL selection (module docstring); arguments as :class:`llava.compression.fastvid.FastVID`'s
-    plus ``dyseg_ignore``."""
+class FastVIDQwen(FastVID):
+    """FastVID's Qwen2.5-VL selection (module docstring): :class:`llava.compression.fastvid.FastVID`'s arguments with the
+    public Qwen script's defaults, another selection, scored by the tower's attention instead of the pooling head."""
 
-    name = "fastvid"
+    needs_pooling_head = False
     needs_tower_attention = True
     tower_rule = FRAME_QUERY
 
     def __init__(self, retention_ratio: float = 0.27, dyseg_c: int = 8, dyseg_tau: float = 0.84,
                  dyseg_ignore: float = 0.95, stprune_d: float = 0.4, dtm_p: int = 4, dtm_beta: float = 0.6) -> None:
-        self.retention_ratio = _ARGUMENTS["fastvid_retention_ratio"].check(retention_ratio)
-        self.dyseg_c = _ARGUMENTS["fastvid_dyseg_c"].check(dyseg_c)
-        self.dyseg_tau = _ARGUMENTS["fastvid_dyseg_tau"].check(dyseg_tau)
-        self.dyseg_ignore = _ARGUMENTS["fastvid_dyseg_ignore"].check(dyseg_ignore)
-        self.stprune_d = _ARGUMENTS["fastvid_stprune_d"].check(stprune_d)
-        self.dtm_p = _ARGUMENTS["fastvid_dtm_p"].check(dtm_p)
-        self.dtm_beta = _ARGUMENTS["fastvid_dtm_beta"].check(dtm_beta)
+        super().__init__(retention_ratio, dyseg_c, dyseg_tau, stprune_d, dtm_p, dtm_beta, dyseg_ignore)
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "variant": "qwen", "retention_ratio": self.retention_ratio, "dyseg_c": self.dyseg_c,
-                "dyseg_tau": self.dyseg_tau, "dyseg_ignore": self.dyseg_ignore, "stprune_d": self.stprune_d,
-                "dtm_p": self.dtm_p, "dtm_beta": self.dtm_beta}
+        return {**super().describe(), "variant": "qwen", "dyseg_ignore": self.dyseg_ignore}
 
     def select(self, features: torch.Tensor, grid_hw: tuple[int, int] | None = None, *,
                attention: torch.Tensor | None = None, keys: torch.Tensor | None = None) -> TokenSelection:
